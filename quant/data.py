@@ -1,0 +1,172 @@
+"""MNIST as whole in-memory tensors: read (or download) the four IDX files once, verify, split, slice batches.
+
+IDX format (LeCun et al., http://yann.lecun.com/exdb/mnist/): big-endian int32 magic 0x00000803 (images,
+then N, rows, cols) or 0x00000801 (labels, then N), then uint8 data. Decoded files are checked against
+the published SHA-256 sums, so a corrupt or substituted file can never silently train a model.
+Images are normalised with the usual MNIST mean/std (0.1307, 0.3081) and kept as one float32 tensor;
+batches are slices of it, so there is no per-sample Dataset/PIL work in the training path.
+"""
+import gzip
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MEAN, STD = 0.1307, 0.3081
+
+# name -> (IDX magic, dims after N, expected N, SHA-256 of the decoded file)
+FILES = {
+    "train-images-idx3-ubyte": (0x803, (28, 28), 60000, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    "train-labels-idx1-ubyte": (0x801, (), 60000, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    "t10k-images-idx3-ubyte": (0x803, (28, 28), 10000, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    "t10k-labels-idx1-ubyte": (0x801, (), 10000, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+}
+HINT = "pass --data-dir pointing at a folder with the four MNIST IDX files (e.g. --data-dir ../shared/mnist)"
+
+
+class DataError(ValueError):
+    """MNIST is missing, corrupt, or could not be downloaded."""
+
+
+@dataclass
+class MNIST:
+    train_x: torch.Tensor  # float32 [N, 1, 28, 28], normalised
+    train_y: torch.Tensor  # int64 [N]
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    checksum: str  # SHA-256 over the four decoded files' SHA-256 sums
+
+
+def find_idx_file(data_dir: Path, name: str) -> Path | None:
+    """The file `name` (raw or .gz) in `data_dir` or torchvision's `data_dir/MNIST/raw/` layout."""
+    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_idx(path: Path, magic: int, dims: tuple, count: int | None, sha256: str | None) -> tuple[np.ndarray, str]:
+    """Decode one IDX file (raw or gzip) into a uint8 array after checking magic, shape, length and SHA-256."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read ({e}); {HINT}") from None
+    ndim = 1 + len(dims)
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes); {HINT}")
+    (found_magic,) = struct.unpack(">i", raw[:4])
+    if found_magic != magic:
+        raise DataError(f"{path}: wrong IDX magic 0x{found_magic:08x}, expected 0x{magic:08x}; {HINT}")
+    shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
+    if tuple(shape[1:]) != tuple(dims) or (count is not None and shape[0] != count):
+        raise DataError(f"{path}: IDX shape {shape}, expected ({count or 'N'}, {', '.join(map(str, dims))}); {HINT}")
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated or padded IDX data ({len(body)} bytes, expected {int(np.prod(shape))}); {HINT}")
+    digest = hashlib.sha256(raw).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise DataError(f"{path}: SHA-256 {digest[:12]}... does not match the published MNIST sum "
+                        f"{sha256[:12]}... (corrupt or not MNIST); {HINT}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape), digest
+
+
+def download(data_dir: Path) -> None:
+    """Fetch MNIST through torchvision into `data_dir/MNIST/raw/`; a failure becomes one DataError line."""
+    try:
+        import torchvision
+
+        for train in (True, False):
+            torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"MNIST not found in {data_dir} and download failed ({first}); {HINT}") from None
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28], (x / 255 - mean) / std."""
+    x = torch.from_numpy(images.copy()).unsqueeze(1).float().div_(255)
+    return x.sub_(MEAN).div_(STD)
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (not stratified) seeded split of range(n) into (train, val) index tensors."""
+    if n == 0 and val_size == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    if not 0 <= val_size < n:
+        raise DataError(f"--val-size {val_size} must be in [0, {n})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def load_mnist(data_dir="data", val_size: int = 5000, split_seed: int = 0, train_subset: int | None = None,
+               verify_checksum: bool = True, allow_download: bool = True, test_only: bool = False) -> MNIST:
+    """Load the four IDX files from `data_dir` (downloading if absent), verify them, split off validation.
+
+    `train_subset` keeps the first N training images after the split (a short run for tuning or tests);
+    `test_only` skips decoding the training files (evaluation needs only the test set).
+    """
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir} is not a folder; {HINT}")
+    if allow_download and any(find_idx_file(data_dir, name) is None for name in FILES):
+        download(data_dir)
+    arrays, digests = {}, []
+    wanted = {k: v for k, v in FILES.items() if k.startswith("t10k") or not test_only}
+    for name, (magic, dims, count, sha) in wanted.items():
+        path = find_idx_file(data_dir, name)
+        if path is None:
+            raise DataError(f"{data_dir}: missing {name}[.gz]; {HINT}")
+        arrays[name], digest = read_idx(path, magic, dims, count if verify_checksum else None,
+                                        sha if verify_checksum else None)
+        digests.append(digest)
+    if test_only:
+        arrays["train-images-idx3-ubyte"] = np.zeros((0, 28, 28), np.uint8)
+        arrays["train-labels-idx1-ubyte"] = np.zeros(0, np.uint8)
+        val_size = 0
+    for split in ("train", "t10k"):
+        if len(arrays[f"{split}-images-idx3-ubyte"]) != len(arrays[f"{split}-labels-idx1-ubyte"]):
+            raise DataError(f"{data_dir}: {split} images and labels differ in count; {HINT}")
+    images, labels = normalise(arrays["train-images-idx3-ubyte"]), torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64))
+    train_idx, val_idx = split_indices(len(labels), val_size, split_seed)
+    if train_subset is not None:
+        train_idx = train_idx[:train_subset]
+    return MNIST(
+        train_x=images[train_idx], train_y=labels[train_idx],
+        val_x=images[val_idx], val_y=labels[val_idx],
+        test_x=normalise(arrays["t10k-images-idx3-ubyte"]),
+        test_y=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
+        checksum=hashlib.sha256("".join(digests).encode()).hexdigest(),
+    )
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
+    """Yield (x, y) mini-batches sliced from in-memory tensors, shuffled by `generator` if given.
+
+    A trailing batch of one sample is dropped: BatchNorm cannot train on it.
+    """
+    n = len(y)
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if stop - start < 2 and generator is not None:
+            break
+        if order is None:
+            yield x[start:stop], y[start:stop]
+        else:
+            idx = order[start:stop]
+            yield x[idx], y[idx]
+
+
+def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
+    """Write a uint8 array as an IDX file (used by tests to build synthetic MNIST-shaped data)."""
+    magic = 0x803 if array.ndim == 3 else 0x801
+    data = struct.pack(f">i{array.ndim}i", magic, *array.shape) + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(gzip.compress(data, compresslevel=1) if gz else data)

@@ -1,0 +1,66 @@
+"""LeNet-5 as the TWN paper (arXiv 1605.04711, Table 1) and the seed study define it.
+
+    32-C5 -> BN -> ReLU -> MP2 -> 64-C5 -> BN -> ReLU -> MP2 -> FC 1024->512 -> ReLU -> FC 512->10
+
+Its four weight layers (conv1, conv2, fc1, fc2; 581,408 weights) are the quantizable ones. Each is a
+`QuantConv2d` / `QuantLinear`: an ordinary layer whose forward passes its weight through an optional
+`quantizer` module first, so a method changes what the layer computes without changing the model.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_LAYERS = ("conv1", "conv2", "fc1", "fc2")
+BN_OF_LAYER = {"conv1": "bn1", "conv2": "bn2"}  # the BN that follows a layer (for BN folding)
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d whose weight goes through `self.quantizer` (if set) on every forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quantizer = None  # a module set by the method (an instance attribute, so nn.Module registers it)
+
+    def forward(self, x):
+        w = self.weight if self.quantizer is None else self.quantizer(self.weight)
+        return F.conv2d(x, w, self.bias)
+
+
+class QuantLinear(nn.Linear):
+    """Linear whose weight goes through `self.quantizer` (if set) on every forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quantizer = None  # a module set by the method (an instance attribute, so nn.Module registers it)
+
+    def forward(self, x):
+        w = self.weight if self.quantizer is None else self.quantizer(self.weight)
+        return F.linear(x, w, self.bias)
+
+
+class LeNet5(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = QuantConv2d(1, 32, 5)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = QuantConv2d(32, 64, 5)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.fc1 = QuantLinear(64 * 4 * 4, 512)
+        self.fc2 = QuantLinear(512, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+    def quant_layers(self):
+        """(name, layer) for the four quantizable weight layers, in forward order."""
+        return [(name, getattr(self, name)) for name in QUANT_LAYERS]
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Total trainable parameters of the deployed network and weights in its quantizable layers."""
+    quantizable = sum(layer.weight.numel() for _, layer in model.quant_layers())
+    total = sum(p.numel() for name, p in model.named_parameters() if ".quantizer." not in name)
+    return {"total_params": total, "quantizable_weights": quantizable}

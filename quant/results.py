@@ -1,0 +1,52 @@
+"""results/results.csv: one row per evaluation, appended under a file lock, rewritten atomically.
+
+Appending reads every existing row, adds the new one and writes the whole table to a temp file that
+replaces the old one, all while holding `results.csv.lock`. So two concurrent evals never lose or
+interleave a row, a crash never leaves half a row, and a table from an older version (fewer or
+reordered columns) keeps all its rows: the new header is the union of old and current columns.
+"""
+import csv
+import io
+from pathlib import Path
+
+from .files import atomic_write_text, locked
+
+COLUMNS = [
+    "timestamp", "mode", "checkpoint", "seed", "epochs", "lr", "batch_size", "schedule", "keep_fp",
+    "hyperparams", "test_acc", "test_loss", "val_acc", "total_params", "quantized_params", "bits_per_weight",
+    "compression", "zero_frac", "eval_seconds", "train_seconds", "data_checksum", "git_commit",
+]
+
+
+class ResultsError(ValueError):
+    """results.csv exists but cannot be parsed as a table; it is left untouched."""
+
+
+def read_results(path) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of a results CSV; ([], []) if it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    for i, row in enumerate(rows, start=2):
+        if None in row or any(v is None for v in row.values()):
+            raise ResultsError(f"{path}: line {i} does not match the header; fix or move the file "
+                               f"(nothing was written)")
+    return columns, rows
+
+
+def append_result(path, row: dict) -> None:
+    """Append `row` to the CSV at `path` safely (see module docstring)."""
+    path = Path(path)
+    with locked(path):
+        columns, rows = read_results(path)
+        columns = list(dict.fromkeys(columns + COLUMNS + list(row)))
+        rows.append(row)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buffer.getvalue())

@@ -1,0 +1,63 @@
+"""TTQ: Trained Ternary Quantization. Zhu, Han, Mao, Dally, ICLR 2017, arXiv 1612.01064.
+
+    delta = t * max|W|                                                    (Sec. 3, Eq. 9; t = 0.05)
+    W^_i  = +w_p if W_i > delta, 0 if |W_i| <= delta, -w_n if W_i < -delta    (Eq. 6)
+    dL/dw_p = sum_{i in I_p} dL/dW^_i,   dL/dw_n = - sum_{i in I_n} dL/dW^_i     (Eq. 7, sign corrected)
+    dL/dW_i = w_p dL/dW^_i on I_p,  1 * dL/dW^_i on I_z,  w_n dL/dW^_i on I_n      (Eq. 8)
+
+Eq. 7 as printed drops the minus sign of the w_n gradient (W^ = -w_n on I_n); several public ports
+inherit that bug (TropComplique/trained-ternary-quantization#6). We use the chain rule, i.e. what
+the official TensorFlow code gets through autodiff, and sums (not means) as the official code does.
+
+w_p and w_n start at the least-squares scale of the initial weights, mean |W| over |W| > delta (TWN
+Eq. 5), not the official code's 1.0: PyTorch's default init gives |W| ~ 0.01-0.1, and a level of 1.0
+would multiply each layer's output 10-100x in the first steps.
+"""
+import torch
+from torch import nn
+
+
+def ttq_codes(w: torch.Tensor, t: float):
+    """Return (codes int8, delta) with delta = t * max|W| (Eq. 9)."""
+    w = w.detach()
+    delta = t * w.abs().max()
+    return ((w > delta).to(torch.int8) - (w < -delta).to(torch.int8)), delta
+
+
+class TTQFunction(torch.autograd.Function):
+    """Forward: Eq. 6. Backward: Eq. 8 for W (scaled STE) and sign-corrected Eq. 7 for w_p, w_n."""
+
+    @staticmethod
+    def forward(ctx, w, w_p, w_n, t: float):
+        codes, _ = ttq_codes(w, t)
+        pos, neg = codes > 0, codes < 0
+        ctx.save_for_backward(pos, neg, w_p, w_n)
+        return pos * w_p - neg * w_n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pos, neg, w_p, w_n = ctx.saved_tensors
+        scale = torch.where(pos, w_p, torch.where(neg, w_n, torch.ones_like(w_p)))
+        grad_w = grad_out * scale
+        grad_w_p = (grad_out * pos).sum().reshape(w_p.shape)
+        grad_w_n = -(grad_out * neg).sum().reshape(w_n.shape)
+        return grad_w, grad_w_p, grad_w_n, None
+
+
+class TTQQuantizer(nn.Module):
+    """Holds one layer's trainable positive scalars w_p, w_n (Sec. 3)."""
+
+    def __init__(self, w: torch.Tensor, t: float = 0.05):
+        super().__init__()
+        self.t = t
+        codes, _ = ttq_codes(w, t)
+        init = (w.detach().abs() * (codes != 0)).sum() / (codes != 0).sum().clamp(min=1)
+        self.w_p = nn.Parameter(init.clone().reshape(1))
+        self.w_n = nn.Parameter(init.clone().reshape(1))
+
+    def forward(self, w):
+        return TTQFunction.apply(w, self.w_p, self.w_n, self.t)
+
+    def export(self, w) -> dict:
+        codes, delta = ttq_codes(w, self.t)
+        return {"codes": codes, "w_p": self.w_p, "w_n": self.w_n, "delta": delta}
