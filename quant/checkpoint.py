@@ -8,7 +8,9 @@ import csv
 import io
 import pickle
 import platform
+import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,11 +42,17 @@ def load_checkpoint(path, mode: str | None = None) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty; {hint}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        culprit = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
-        raise CheckpointError(f"{path}: refused to load: it holds Python objects beyond plain tensors and "
-                              f"containers, which weights_only=True never executes {culprit[:120]}".rstrip()) from None
+        # weights_only=True reports both "this pickle imports code" and plain garbage as UnpicklingError.
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if culprit is None:
+            raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt (not a torch.save file); "
+                                  f"{hint}") from None
+        raise CheckpointError(f"{path}: refused to load: it references {culprit.group(1)}, a Python object beyond "
+                              f"plain tensors and containers, which weights_only=True never executes") from None
     except Exception as e:  # truncated zip, random bytes, ...: torch raises many types
         raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({type(e).__name__}); {hint}") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:

@@ -18,6 +18,13 @@ from .engine import SCHEDULES
 MNIST_TRAIN = 60000
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line: the full usage (a dozen lines for train.py) would bury the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -107,6 +114,8 @@ def add_train_args(parser):
                        help="TWN: delta and alpha per output channel (paper v3, Alg. 1)")
     group.add_argument("--t", "--threshold", dest="t", type=open_unit_interval, default=None,
                        help="TTQ: delta = t * max|W| (default 0.05)")
+    group.add_argument("--scale-lr", "--scale_lr", type=positive_float, default=None,
+                       help="TTQ: lr multiplier for w_p, w_n (default 0.1)")
     group.add_argument("--rho", type=positive_float, default=None, help="ADMM: initial penalty rho")
     group.add_argument("--rho-growth", "--rho_growth", type=positive_float, default=None,
                        help="ADMM: rho multiplier per ADMM round")

@@ -9,6 +9,7 @@ batches are slices of it, so there is no per-sample Dataset/PIL work in the trai
 import gzip
 import hashlib
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def read_idx(path: Path, magic: int, dims: tuple, count: int | None, sha256: str
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: corrupt deflate stream
         raise DataError(f"{path}: cannot read ({e}); {HINT}") from None
     ndim = 1 + len(dims)
     if len(raw) < 4 + 4 * ndim:
@@ -170,3 +171,20 @@ def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
     magic = 0x803 if array.ndim == 3 else 0x801
     data = struct.pack(f">i{array.ndim}i", magic, *array.shape) + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
     Path(path).write_bytes(gzip.compress(data, compresslevel=1) if gz else data)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by an independent random (dy, dx) in [-max_shift, max_shift], filling with background.
+
+    One flat gather over the padded batch (no per-sample Python loop): ~1 ms per 128 images, far below a step.
+    """
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    s = max_shift
+    padded = torch.nn.functional.pad(x, (s, s, s, s), value=(0.0 - MEAN) / STD).reshape(n, -1)
+    dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=generator).to(x.device)
+    pw = w + 2 * s
+    window = (torch.arange(h, device=x.device)[:, None] * pw + torch.arange(w, device=x.device)[None, :]).reshape(-1)
+    index = window[None, :] + (dy * pw + dx)[:, None]
+    return torch.gather(padded, 1, index).reshape(n, 1, h, w)

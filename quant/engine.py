@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import MNIST, batches
+from .data import MNIST, batches, random_shift
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -20,10 +20,14 @@ class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def make_scheduler(optimizer, schedule: str, lr: float, total_steps: int):
-    """OneCycle (Smith & Topin 2017: warm-up 20 %, cosine anneal), cosine decay to 0, or constant."""
+def make_scheduler(optimizer, schedule: str, total_steps: int):
+    """OneCycle (Smith & Topin 2017: warm-up 20 %, cosine anneal), cosine decay to 0, or constant.
+
+    Each parameter group peaks at the lr it was created with.
+    """
     if schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.2)
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=0.2)
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if schedule == "constant":
@@ -47,15 +51,19 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) ->
 
 
 def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int, schedule: str = "onecycle",
-          weight_decay: float = 0.0, seed: int = 0, device="cpu", progress: bool = True, log=print) -> list[dict]:
-    """Train `model` in place with `method`'s hooks; return the per-epoch history."""
+          weight_decay: float = 0.0, shift: int = 0, seed: int = 0, device="cpu", progress: bool = True,
+          log=print) -> list[dict]:
+    """Train `model` in place with `method`'s hooks; return the per-epoch history.
+
+    `shift` > 0 translates each training image by up to that many pixels (augmentation; 0 = off).
+    """
     model.to(device)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    params = list(model.parameters()) + method.parameters()
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    groups = [{"params": g["params"], "lr": lr * g["lr_mult"]} for g in method.param_groups(model)]
+    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     n_batches = len(train_y) // batch_size + (len(train_y) % batch_size >= 2)
     total_steps = epochs * n_batches
-    scheduler = make_scheduler(optimizer, schedule, lr, total_steps)
+    scheduler = make_scheduler(optimizer, schedule, total_steps)
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
     history, step = [], 0
     for epoch in range(1, epochs + 1):
@@ -64,6 +72,8 @@ def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int
         bar = tqdm(total=len(train_y), desc=f"{method.name} epoch {epoch}/{epochs}", unit="img",
                    disable=not progress, leave=False, mininterval=0.5)
         for x, y in batches(train_x, train_y, batch_size, shuffle):
+            if shift:
+                x = random_shift(x, shift, shuffle)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             extra = method.extra_loss()

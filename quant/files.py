@@ -10,14 +10,23 @@ import os
 import tempfile
 from pathlib import Path
 
+# mkstemp creates files 0600; a replaced file should keep its mode and a new one get the usual umask mode.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file + fsync + os.replace + directory fsync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

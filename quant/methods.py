@@ -23,7 +23,7 @@ DEFAULTS = {
 HYPERPARAMS = {
     "fp": {},
     "twn": {"delta_factor": 0.7, "per_channel": False},
-    "ttq": {"t": 0.05},
+    "ttq": {"t": 0.05, "scale_lr": 0.1},
     "admm": {"rho": 1e-3, "rho_growth": 1.5, "admm_interval": 100, "finetune_frac": 0.1},
 }
 KEEP_FP_ALIASES = {"first": "conv1", "last": "fc2"}
@@ -55,8 +55,9 @@ class Method:
     def attach(self, model: LeNet5) -> None:
         pass
 
-    def parameters(self) -> list:
-        return []
+    def param_groups(self, model: LeNet5) -> list[dict]:
+        """Optimizer groups as {"params": [...], "lr_mult": m}; the engine uses lr * m for each."""
+        return [{"params": list(model.parameters()), "lr_mult": 1.0}]
 
     def extra_loss(self):
         return None
@@ -93,6 +94,14 @@ class TTQ(Method):
         for _, layer in self.quantized(model):
             layer.quantizer = ttq.TTQQuantizer(layer.weight, self.hparams["t"])
 
+    def param_groups(self, model):
+        # Adam moves every scalar by ~lr per step whatever its size; w_p and w_n are ~0.01-0.1, so at the
+        # weights' lr they would jump 10-30 % per step. scale_lr scales their lr (measured on validation).
+        scales = [p for _, layer in self.quantized(model) for p in (layer.quantizer.w_p, layer.quantizer.w_n)]
+        ids = {id(p) for p in scales}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        return [{"params": rest, "lr_mult": 1.0}, {"params": scales, "lr_mult": self.hparams["scale_lr"]}]
+
     @torch.no_grad()
     def after_step(self, model, step, total_steps):
         # w_p and w_n are positive by definition (Sec. 3); a large step could push one through zero.
@@ -112,8 +121,9 @@ class ADMM(Method):
         self.frozen = {n: admm.FrozenTernary(self.state.codes[n], self.state.alpha[n]) for n in layers}
         self.finetuning = False
 
-    def parameters(self):
-        return [f.alpha for f in self.frozen.values()]
+    def param_groups(self, model):
+        alphas = [f.alpha for f in self.frozen.values()]
+        return [{"params": list(model.parameters()), "lr_mult": 1.0}, {"params": alphas, "lr_mult": 0.1}]
 
     def extra_loss(self):
         return None if self.finetuning else self.state.penalty()
