@@ -6,7 +6,7 @@ Layout (integers little-endian):
     0           8     magic b"TERNLNT\\0"
     8           2     uint16 format version (VERSION = 1)
     10          4     uint32 manifest length M
-    14          M     manifest, compact UTF-8 JSON
+    14          M     manifest, compact UTF-8 JSON, zlib-compressed (RFC 1950; ~1.8 KB -> ~0.6 KB)
     14 + M      P     payload, P = manifest["payload_bytes"]
     14 + M + P  32    SHA-256 of bytes [0, 14 + M + P)
 
@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -127,16 +128,20 @@ def fold_batch_norm(export: dict, network) -> tuple[dict, list]:
         else:
             w = floats[layer_op["weight"]]
             floats[layer_op["weight"]] = (s.reshape(-1, *[1] * (w.ndim - 1)) * w.double()).float()
-        bias_name = layer_op.get("bias") or f"{layer}.bias"
-        b = floats[layer_op["bias"]].double() if layer_op.get("bias") else torch.zeros_like(s)
-        floats[bias_name] = (s * b + t).float()
-        layer_op["bias"] = bias_name
+        layer_op["bias"] = layer_op.get("bias") or f"{layer}.bias"  # a bias-free layer gains one
+        b = floats[layer_op["bias"]].double() if layer_op["bias"] in floats else torch.zeros_like(s)
+        floats[layer_op["bias"]] = (s * b + t).float()
     return {"ternary": ternary, "float": floats}, ops
 
 
 def _layer_of(weight_name: str) -> str:
     """Export layer name of a weight tensor ("conv1.weight" -> "conv1"), as quant/export.py keys them."""
     return weight_name.removesuffix(".weight")
+
+
+def _weight_layers(network) -> dict:
+    """{weight tensor name: export layer name} of the conv2d / linear ops, the layers that may be ternary."""
+    return {op["weight"]: _layer_of(op["weight"]) for op in network if op["op"] in ("conv2d", "linear")}
 
 
 def _tensor_names(network) -> list[str]:
@@ -157,8 +162,9 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
     if float_dtype not in FLOAT_DTYPES:
         raise DeployFormatError(f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
     network = [dict(op) for op in LENET5_NETWORK]
-    missing = [name for name in _tensor_names(network)
-               if name not in export["float"] and not (name.endswith(".weight") and _layer_of(name) in export["ternary"])]
+    weight_layers = _weight_layers(network)
+    is_ternary = lambda name: weight_layers.get(name) in export["ternary"]
+    missing = [name for name in _tensor_names(network) if name not in export["float"] and not is_ternary(name)]
     if missing:
         raise DeployFormatError(f"cannot pack: the export lacks {', '.join(missing)}")
     for layer, entry in export["ternary"].items():
@@ -166,6 +172,9 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
         if groups not in (1, out_channels) or entry["w_n"].numel() != groups:
             raise DeployFormatError(f"cannot pack {layer}: {groups} / {entry['w_n'].numel()} scales "
                                     f"for {out_channels} output channels")
+    unused = set(export["ternary"]) - set(weight_layers.values())
+    if unused:
+        raise DeployFormatError(f"cannot pack: ternary layers {sorted(unused)} are not in the LeNet-5 network")
     if fold_bn:
         export, network = fold_batch_norm(export, network)
     ternary, floats, blocks = [], [], []
@@ -178,12 +187,15 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
         offset += len(block)
 
     def add_float(name: str, tensor: torch.Tensor, dtype: str):
-        array = tensor.detach().cpu().numpy().astype(FLOAT_DTYPES[dtype])
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below
+            array = tensor.detach().cpu().numpy().astype(FLOAT_DTYPES[dtype])
+        if not np.isfinite(array).all():
+            raise DeployFormatError(f"cannot pack {name}: non-finite values as {dtype}")
         add(floats, {"name": name, "shape": list(array.shape), "dtype": dtype}, array.tobytes())
 
     for name in _tensor_names(network):
-        layer = _layer_of(name)
-        if name.endswith(".weight") and layer in export["ternary"]:
+        if is_ternary(name):
+            layer = weight_layers[name]
             entry = export["ternary"][layer]
             codes = entry["codes"]
             try:
@@ -195,9 +207,6 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
             add_float(f"{layer}.w_n", entry["w_n"].reshape(-1), "fp32")
         else:
             add_float(name, export["float"][name], float_dtype)
-    unused = set(export["ternary"]) - {_layer_of(r["name"]) for r in ternary}
-    if unused:
-        raise DeployFormatError(f"cannot pack: ternary layers {sorted(unused)} are not in the LeNet-5 network")
     manifest = {"encoding": encoding, "bn_folded": bool(fold_bn), "input_shape": INPUT_SHAPE,
                 "payload_bytes": offset, "ternary": ternary, "float": floats, "network": network,
                 "metadata": metadata or {}}
@@ -206,7 +215,7 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
 
 def seal(manifest: dict, payload: bytes) -> bytes:
     """Header + manifest + payload + SHA-256 trailer."""
-    body = json.dumps(manifest, separators=(",", ":"), allow_nan=False, default=str).encode("utf-8")
+    body = zlib.compress(json.dumps(manifest, separators=(",", ":"), allow_nan=False, default=str).encode("utf-8"), 9)
     data = _HEADER.pack(MAGIC, VERSION, len(body)) + body + payload
     return data + hashlib.sha256(data).digest()
 
@@ -235,9 +244,9 @@ def unpack(data: bytes) -> tuple[dict, dict]:
     if start > len(data) - _DIGEST_BYTES:
         raise DeployFormatError(f"manifest length {manifest_len} runs past the end of the file")
     try:
-        manifest = json.loads(data[_HEADER.size:start].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DeployFormatError(f"manifest is not valid UTF-8 JSON ({e})") from None
+        manifest = json.loads(zlib.decompress(data[_HEADER.size:start]).decode("utf-8"))
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DeployFormatError(f"manifest is not zlib-compressed UTF-8 JSON ({e})") from None
     payload = data[start:-_DIGEST_BYTES]
     _check_manifest(manifest, len(payload))
     codec = get_codec(manifest["encoding"])
@@ -400,8 +409,7 @@ def size_report(export: dict) -> list[dict]:
     FP counts 4 bytes/weight in every column. entropy_bytes = n * H / 8 with H from packing.entropy_bits.
     """
     rows = []
-    for name in (op["weight"] for op in LENET5_NETWORK if op["op"] in ("conv2d", "linear")):
-        layer = _layer_of(name)
+    for name, layer in _weight_layers(LENET5_NETWORK).items():
         if layer in export["ternary"]:
             codes = export["ternary"][layer]["codes"]
             n, h = codes.numel(), entropy_bits(codes)

@@ -3,7 +3,8 @@
 Both codecs take the codes flattened in C order and return `bytes`; decoding needs the code count `n`.
 
 2-bit, 4 codes per byte (2 bits/weight). Field of code i = bits 2(i mod 4)..2(i mod 4)+1 of byte i // 4,
-so the first code sits in the lowest two bits. Field map: bit 0 = "is +1", bit 1 = "is -1":
+so the first code sits in the lowest two bits (byte j = sum_{i=0..3} f_{4j+i} * 4^i).
+Field map: bit 0 = "is +1", bit 1 = "is -1":
 
     0b00 = 0      0b01 = +1      0b10 = -1      0b11 = invalid (decode error)
 
@@ -13,8 +14,10 @@ Base-3, 5 codes per byte (1.6 bits/weight; METHODS.md §5: 3^5 = 243 <= 256, 99.
 Digit d = code + 1 in {0, 1, 2}; byte j = sum_{i=0..4} d_{5j+i} * 3^i, first code least significant.
 Bytes > 242 are invalid. Padding digits are 0, so a last byte holding r < 5 codes must be < 3^r.
 
-Every byte string therefore decodes to at most one code sequence, and every code sequence has exactly one
-encoding (the decoders reject non-canonical padding), so pack(unpack(b)) == b whenever unpack succeeds.
+Both are vectorised (table lookups and one small matrix product, no Python loop per code): LeNet-5's
+581,408 codes pack or unpack in about 1-2 ms. Every byte string decodes to at most one code sequence and
+every code sequence has exactly one encoding (the decoders reject non-canonical padding), so
+pack(unpack(b)) == b whenever unpack succeeds.
 """
 from collections.abc import Callable
 from typing import NamedTuple
@@ -22,9 +25,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-_SHIFTS_2BIT = np.array([0, 2, 4, 6], dtype=np.uint8)
+_POW4 = np.array([1, 4, 16, 64], dtype=np.uint16)
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint16)
-# digits of every valid base-3 byte: _BASE3_DIGITS[b, i] = (b // 3^i) % 3
+_2BIT_FIELD_OF_CODE = np.array([0b10, 0b00, 0b01], dtype=np.uint16)  # indexed by code + 1
+# decode tables indexed by byte value: fields (b // 4^i) % 4 and digits (b // 3^i) % 3
+_2BIT_FIELDS = (np.arange(256)[:, None] // _POW4[None, :]) % 4
+_2BIT_VALID = (_2BIT_FIELDS != 3).all(axis=1)
+_2BIT_CODES = ((_2BIT_FIELDS & 1) - (_2BIT_FIELDS >> 1)).astype(np.int8)  # 0b11 rows are never used
 _BASE3_DIGITS = ((np.arange(243)[:, None] // _POW3[None, :]) % 3).astype(np.int8)
 
 
@@ -57,9 +64,8 @@ def nbytes_base3(n: int) -> int:
 def pack_2bit(codes) -> bytes:
     """Codes -> 2-bit fields (0 -> 0b00, +1 -> 0b01, -1 -> 0b10), four per byte, first code lowest."""
     a = as_codes(codes)
-    fields = (a == 1).astype(np.uint8) | ((a == -1).astype(np.uint8) << 1)
-    fields = np.pad(fields, (0, -a.size % 4)).reshape(-1, 4)
-    return np.bitwise_or.reduce(fields << _SHIFTS_2BIT, axis=1).astype(np.uint8).tobytes()
+    fields = np.pad(_2BIT_FIELD_OF_CODE[a + 1], (0, -a.size % 4)).reshape(-1, 4)
+    return (fields @ _POW4).astype(np.uint8).tobytes()  # byte = sum_i field_i * 4^i
 
 
 def unpack_2bit(data: bytes, n: int) -> np.ndarray:
@@ -67,11 +73,10 @@ def unpack_2bit(data: bytes, n: int) -> np.ndarray:
     b = np.frombuffer(data, dtype=np.uint8)
     if b.size != nbytes_2bit(n):
         raise PackingError(f"2-bit block holds {b.size} bytes, {n} codes need {nbytes_2bit(n)}")
-    fields = (b[:, None] >> _SHIFTS_2BIT) & 3
-    bad = np.flatnonzero((fields == 3).any(axis=1))
+    bad = np.flatnonzero(~_2BIT_VALID[b])
     if bad.size:
         raise PackingError(f"invalid 2-bit field 0b11 in byte {bad[0]} (0x{b[bad[0]]:02x})")
-    codes = ((fields & 1).astype(np.int8) - (fields >> 1).astype(np.int8)).reshape(-1)
+    codes = _2BIT_CODES[b].reshape(-1)
     if codes[n:].any():
         raise PackingError("non-zero padding after the last 2-bit code")
     return codes[:n]
