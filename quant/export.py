@@ -62,6 +62,8 @@ def check_ternary(export: dict) -> None:
             raise NotTernaryError(f"layer {name}: {groups} scales do not match {codes.shape[0]} output channels")
         if not (torch.isfinite(layer["w_p"]).all() and torch.isfinite(layer["w_n"]).all()):
             raise NotTernaryError(f"layer {name}: non-finite scale")
+        if (layer["w_p"] < 0).any() or (layer["w_n"] < 0).any():
+            raise NotTernaryError(f"layer {name}: negative scale (w_p and w_n are magnitudes)")
         weight = dequantize(codes, layer["w_p"], layer["w_n"]).reshape(groups, -1)
         worst = max(len(torch.unique(row)) for row in weight)
         if worst > 3:

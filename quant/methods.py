@@ -122,8 +122,11 @@ class ADMM(Method):
         self.finetuning = False
 
     def param_groups(self, model):
+        # alpha gets the same reduced lr as TTQ's scales (a scalar that Adam would move ~lr per step).
         alphas = [f.alpha for f in self.frozen.values()]
-        return [{"params": list(model.parameters()), "lr_mult": 1.0}, {"params": alphas, "lr_mult": 0.1}]
+        ids = {id(a) for a in alphas}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        return [{"params": rest, "lr_mult": 1.0}, {"params": alphas, "lr_mult": 0.1}]
 
     def extra_loss(self):
         return None if self.finetuning else self.state.penalty()
@@ -161,6 +164,8 @@ class ADMM(Method):
             recalibrate_bn(model, recalibration_batches)
 
     def export(self, model):
+        if not self.finetuning:
+            raise RuntimeError("ADMM.export before finish(): the codes are not final yet")
         entries = {}
         for name, layer in self.quantized(model):
             entry = self.frozen[name].export(layer.weight)

@@ -1,0 +1,192 @@
+"""quant/methods.py: the registry lookup and its errors, --keep-fp parsing, what each method attaches, the
+optimizer groups, TTQ's positivity clamp and BN recalibration (cumulative average, recomputed by hand)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant.methods import DEFAULTS, HYPERPARAMS, METHODS, get_method, parse_keep_fp, recalibrate_bn
+from quant.model import QUANT_LAYERS, LeNet5
+from quant.ttq import TTQQuantizer
+from quant.twn import TWNQuantizer
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return LeNet5()
+
+
+# ---------------------------------------------------------------- registry
+def test_registry_is_consistent():
+    assert list(METHODS) == ["fp", "twn", "ttq", "admm"]
+    assert set(HYPERPARAMS) == set(DEFAULTS) == set(METHODS)
+    for mode, cls in METHODS.items():
+        method = get_method(mode)
+        assert isinstance(method, cls) and method.name == mode
+        assert method.hparams == HYPERPARAMS[mode]
+
+
+def test_unknown_mode_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        get_method("bwn")
+    message = str(err.value)
+    assert "bwn" in message
+    for mode in METHODS:
+        assert mode in message
+
+
+@pytest.mark.parametrize("mode", [m for m in METHODS if HYPERPARAMS[m]])
+def test_unknown_hyperparameter_lists_valid_names(mode):
+    with pytest.raises(ValueError) as err:
+        get_method(mode, bogus_knob=1)
+    message = str(err.value)
+    assert "bogus_knob" in message
+    for name in HYPERPARAMS[mode]:
+        assert name in message
+
+
+def test_hyperparameter_of_another_mode_is_rejected():
+    with pytest.raises(ValueError, match="no hyperparameter t "):
+        get_method("twn", t=0.05)  # TTQ's threshold is not a TWN knob
+    with pytest.raises(ValueError, match="none"):
+        get_method("fp", delta_factor=0.7)
+
+
+def test_overrides_merge_with_defaults_and_reach_the_quantizers():
+    method = get_method("twn", delta_factor=0.75)
+    assert method.hparams == {**HYPERPARAMS["twn"], "delta_factor": 0.75}
+    model = fresh_model()
+    method.attach(model)
+    for _, layer in model.quant_layers():
+        assert isinstance(layer.quantizer, TWNQuantizer)
+        assert layer.quantizer.delta_factor == 0.75 and layer.quantizer.per_channel is False
+    method = get_method("ttq", t=0.2)
+    model = fresh_model()
+    method.attach(model)
+    assert all(isinstance(l.quantizer, TTQQuantizer) and l.quantizer.t == 0.2 for _, l in model.quant_layers())
+
+
+# ---------------------------------------------------------------- --keep-fp
+@pytest.mark.parametrize("spec, expected", [
+    ("first,last", ["conv1", "fc2"]),
+    ("last,first", ["conv1", "fc2"]),  # always in forward order
+    ("conv1,fc2", ["conv1", "fc2"]),
+    (" fc1 , first ", ["conv1", "fc1"]),
+    ("first,conv1", ["conv1"]),  # an alias and its target count once
+    ("conv2,,", ["conv2"]),
+    ("", []),
+    (None, []),
+    ("conv1,conv2,fc1,fc2", list(QUANT_LAYERS)),
+])
+def test_parse_keep_fp(spec, expected):
+    assert parse_keep_fp(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["conv3", "first,fc3", "FIRST", "bn1"])
+def test_parse_keep_fp_rejects_unknown_layers(spec):
+    with pytest.raises(ValueError) as err:
+        parse_keep_fp(spec)
+    message = str(err.value)
+    for name in ("first", "last", *QUANT_LAYERS):
+        assert name in message
+
+
+@pytest.mark.parametrize("mode", [m for m in METHODS if m != "fp"])
+def test_keep_fp_layers_get_no_quantizer(mode):
+    model = fresh_model()
+    method = get_method(mode, keep_fp=parse_keep_fp("first,last"))
+    method.attach(model)
+    assert [n for n, _ in method.quantized(model)] == ["conv2", "fc1"]
+    assert model.conv1.quantizer is None and model.fc2.quantizer is None
+
+
+def test_fp_attaches_nothing():
+    model = fresh_model()
+    method = get_method("fp")
+    method.attach(model)
+    assert method.quantized(model) == [] and method.extra_loss() is None
+    assert all(layer.quantizer is None for _, layer in model.quant_layers())
+    assert method.export(model)["ternary"] == {}
+
+
+# ---------------------------------------------------------------- hooks
+@pytest.mark.parametrize("mode", list(METHODS))
+def test_param_groups_cover_every_trainable_tensor_once(mode):
+    model = fresh_model()
+    method = get_method(mode)
+    method.attach(model)
+    groups = method.param_groups(model)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)), "a tensor in two groups makes torch.optim raise"
+    assert {id(p) for p in model.parameters()} <= set(ids)
+    if mode == "ttq":
+        scale_group = [g for g in groups if any(p is model.conv1.quantizer.w_p for p in g["params"])]
+        assert len(scale_group) == 1 and scale_group[0]["lr_mult"] == HYPERPARAMS["ttq"]["scale_lr"]
+        assert len(scale_group[0]["params"]) == 2 * len(QUANT_LAYERS)
+    if mode == "admm":
+        assert {id(f.alpha) for f in method.frozen.values()} <= set(ids)
+    torch.optim.Adam([{"params": g["params"], "lr": 1e-3 * g["lr_mult"]} for g in groups])
+
+
+def test_ttq_after_step_keeps_scales_positive():
+    model = fresh_model()
+    method = get_method("ttq")
+    method.attach(model)
+    with torch.no_grad():
+        model.conv1.quantizer.w_p.fill_(-0.5)
+        model.fc1.quantizer.w_n.fill_(-2.0)
+        model.fc2.quantizer.w_p.fill_(0.3)
+    method.after_step(model, 1, 10)
+    assert model.conv1.quantizer.w_p.item() == pytest.approx(1e-8)
+    assert model.fc1.quantizer.w_n.item() == pytest.approx(1e-8)
+    assert model.fc2.quantizer.w_p.item() == pytest.approx(0.3)
+
+
+def test_admm_extra_loss_is_the_penalty_until_frozen():
+    model = fresh_model()
+    method = get_method("admm", rho=0.5, finetune_frac=0.5, admm_interval=1)
+    method.attach(model)
+    with torch.no_grad():
+        model.fc2.weight.add_(0.1)
+    by_hand = 0.25 * sum(((l.weight - method.state.G[n]) ** 2).sum() for n, l in model.quant_layers())
+    assert method.extra_loss().item() == pytest.approx(by_hand.item(), rel=1e-5)
+    method.after_step(model, 1, 4)  # step 1 of 4, fine-tune is the last 2: an ADMM round
+    assert method.state.rho == 0.5 * HYPERPARAMS["admm"]["rho_growth"] and not method.finetuning
+    method.after_step(model, 2, 4)  # the fine-tune starts: weights projected, codes frozen, no penalty
+    assert method.finetuning and method.extra_loss() is None
+    for name, layer in model.quant_layers():
+        assert layer.quantizer is method.frozen[name]
+        assert len(torch.unique(layer.weight)) <= 3
+
+
+def test_recalibrate_bn_is_the_cumulative_average():
+    model = fresh_model()
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(4, 1, 28, 28, generator=gen), None) for _ in range(3)]
+    with torch.no_grad():
+        model.bn1.running_mean.fill_(7.0)  # stale statistics must be discarded
+        means = [model.conv1(x).mean(dim=(0, 2, 3)) for x, _ in batches]
+        variances = [model.conv1(x).var(dim=(0, 2, 3), unbiased=True) for x, _ in batches]
+    recalibrate_bn(model, batches)
+    torch.testing.assert_close(model.bn1.running_mean, sum(means) / 3, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.bn1.running_var, sum(variances) / 3, rtol=1e-4, atol=1e-5)
+    assert not model.training and model.bn1.momentum == 0.1
+
+
+def test_methods_train_through_the_hooks():
+    """One step per method through the engine's hook sequence changes the weights and keeps the loss finite."""
+    x, y = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)), torch.arange(8)
+    for mode in METHODS:
+        model = fresh_model()
+        method = get_method(mode)
+        method.attach(model)
+        before = model.fc1.weight.detach().clone()
+        opt = torch.optim.Adam([{"params": g["params"], "lr": 1e-3 * g["lr_mult"]} for g in method.param_groups(model)])
+        loss = F.cross_entropy(model(x), y)
+        extra = method.extra_loss()
+        total = loss if extra is None else loss + extra
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        method.after_step(model, 1, 10)
+        assert torch.isfinite(total)
+        assert not torch.equal(before, model.fc1.weight.detach()), mode
