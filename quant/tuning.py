@@ -1,0 +1,427 @@
+"""Hyperparameter search on the validation split: grids, trials, the search loop, and the tuned config.
+
+A trial trains LeNet-5 for a short budget (default 1 epoch on 20,000 images) on the training split minus
+the validation split, then scores the *deployed* model -- `rebuild_model(method.export(model))`, exactly
+the codes x scales that eval and packing see -- on the validation split. The test set is never read
+here: choosing hyperparameters on it would make every reported test accuracy optimistic.
+
+Files, rewritten atomically after every trial while holding a file lock (re-read, merge, write), so a
+search killed at any moment leaves valid JSON, a rerun skips every recorded trial, and two tuners
+writing the same file lose nothing:
+
+    {mode}_tuning.json   {"mode": m, "trials": [{"config", "val_acc", "val_loss", "seconds", "seed", ...}]}
+    tuning_summary.json  {mode: {"config", "val_acc", "val_loss", "trials", "budget", ...}}
+
+A trial is identified by the canonical JSON of its full config: hyperparameters, budget (epochs,
+train_subset, val_size), seed and the data checksum. The summary ranks only trials with the budget of
+the latest search: scores from different budgets are not comparable.
+"""
+import concurrent.futures as futures
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data import load_mnist
+from .engine import SCHEDULES, DivergenceError, evaluate, train
+from .export import rebuild_model
+from .files import atomic_write_json, locked
+from .methods import HYPERPARAMS, METHODS, get_method
+from .model import LeNet5
+from .runs import default_config
+
+SUMMARY = "tuning_summary.json"
+TRAIN_KEYS = ("lr", "batch_size", "schedule", "weight_decay", "shift")
+BUDGET_KEYS = ("epochs", "train_subset", "val_size", "seed", "data_checksum")
+
+# Default grids: 69 trials, sized so `tune_hyperparams.py --mode all` (1 epoch on 20,000 images, ~5-8 s a
+# trial on 2 CPU cores) takes about 6-9 minutes. lr spans the useful Adam range around the 3e-3 default;
+# each method's own knobs bracket its paper's value: TWN's delta_factor 0.7 (arXiv 1605.04711, Eq. 6),
+# TTQ's t = 0.05 (arXiv 1612.01064, Eq. 9), ADMM's rho schedule (Leng et al., arXiv 1707.09870, Eqs. 8-11).
+# A short budget favours small batches and frequent ADMM rounds (more steps), so treat those two as
+# hints to confirm with a full-length run rather than as final answers.
+GRIDS = {
+    "fp": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128, 256]},
+    "twn": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "delta_factor": [0.5, 0.7, 0.9]},
+    "ttq": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "t": [0.02, 0.05, 0.1]},
+    "admm": {"lr": [1e-3, 3e-3], "rho": [1e-4, 1e-3, 1e-2], "rho_growth": [1.2, 1.5], "admm_interval": [25, 100]},
+}
+
+
+def _number(value, key) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: {value!r} is not a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{key}: must be finite, got {value!r}")
+    return number
+
+
+def _positive(value, key):
+    number = _number(value, key)
+    if not number > 0:
+        raise ValueError(f"{key}: must be > 0, got {value!r}")
+    return number
+
+
+def _non_negative(value, key):
+    number = _number(value, key)
+    if number < 0:
+        raise ValueError(f"{key}: must be >= 0, got {value!r}")
+    return number
+
+
+def _unit_open(value, key):
+    number = _number(value, key)
+    if not 0 < number < 1:
+        raise ValueError(f"{key}: must be in (0, 1), got {value!r}")
+    return number
+
+
+def _unit_fraction(value, key):
+    number = _number(value, key)
+    if not 0 <= number < 1:
+        raise ValueError(f"{key}: must be in [0, 1), got {value!r}")
+    return number
+
+
+def _int_at_least(low):
+    def check(value, key):
+        number = _number(value, key)
+        if number != int(number) or number < low:
+            raise ValueError(f"{key}: must be an integer >= {low}, got {value!r}")
+        return int(number)
+    return check
+
+
+def _schedule(value, key):
+    if value not in SCHEDULES:
+        raise ValueError(f"{key}: {value!r} is not a schedule (choose from {', '.join(SCHEDULES)})")
+    return value
+
+
+def _boolean(value, key):
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{key}: {value!r} is not true/false")
+
+
+# Every tunable key and the check that normalises one value (a string from --set, or a JSON value).
+# batch_size >= 2 because BatchNorm cannot train on a batch of one.
+CHECKS = {"lr": _positive, "batch_size": _int_at_least(2), "schedule": _schedule, "weight_decay": _non_negative,
+          "shift": _int_at_least(0),
+          "delta_factor": _unit_open, "per_channel": _boolean, "t": _unit_open, "scale_lr": _positive, "rho": _positive,
+          "rho_growth": _positive, "admm_interval": _int_at_least(1), "finetune_frac": _unit_fraction}
+
+
+def valid_keys(mode: str) -> list[str]:
+    """Keys a grid for `mode` may have: the training knobs plus the method's own hyperparameters."""
+    return [*TRAIN_KEYS, *HYPERPARAMS[mode]]
+
+
+def validate_grid(mode: str, grid: dict) -> dict:
+    """Check and normalise `grid` ({key: value or [values]}) for `mode`; ValueError names the valid keys."""
+    if mode not in METHODS:
+        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
+    if not isinstance(grid, dict):
+        raise ValueError(f"a grid must be a JSON object {{key: [values]}}, got {type(grid).__name__}")
+    out = {}
+    for key, values in grid.items():
+        if key not in valid_keys(mode):
+            raise ValueError(f"mode {mode} has no tunable key {key!r} (valid keys: {', '.join(valid_keys(mode))})")
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise ValueError(f"{key}: empty list of values")
+        check = CHECKS.get(key, _number)  # a hyperparameter added to methods.py later: at least a number
+        normalised = [check(v, key) for v in values]
+        out[key] = list(dict.fromkeys(normalised))  # drop duplicates, keep order
+    return out
+
+
+def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
+    """{mode: grid}: each mode's default grid with `overrides` replacing the keys they name.
+
+    `overrides` is either flat ({key: values}, applied to every listed mode that has the key) or per mode
+    ({mode: {key: values}}). A flat key that no listed mode has is refused with the valid keys.
+    """
+    if not isinstance(overrides or {}, dict):
+        raise ValueError("a grid must be a JSON object {key: [values]} or {mode: {key: [values]}}")
+    overrides = dict(overrides or {})
+    per_mode = {m: overrides.pop(m) for m in list(overrides) if m in METHODS}
+    known = list(dict.fromkeys(k for m in modes for k in valid_keys(m)))
+    for key in overrides:
+        if key not in known:
+            which = f"mode {modes[0]} has no" if len(modes) == 1 else f"none of the modes {', '.join(modes)} has a"
+            raise ValueError(f"{which} tunable key {key!r} (valid keys: {', '.join(known)})")
+    grids = {}
+    for mode in modes:
+        grid = {**GRIDS[mode], **{k: v for k, v in overrides.items() if k in valid_keys(mode)}}
+        grids[mode] = validate_grid(mode, {**grid, **per_mode.get(mode, {})})
+    for mode in per_mode:
+        if mode not in modes:
+            raise ValueError(f"the grid names mode {mode}, which is not being tuned (--mode {' / '.join(modes)})")
+    return grids
+
+
+def parse_set(spec: str) -> tuple[str, list[str]]:
+    """'batch-size=64,128' -> ('batch_size', ['64', '128']) (values are checked later by validate_grid)."""
+    key, sep, values = spec.partition("=")
+    if not sep or not key.strip() or not values.strip():
+        raise ValueError(f"--set {spec!r}: expected key=v1,v2,...")
+    return key.strip().replace("-", "_"), [v.strip() for v in values.split(",")]
+
+
+def read_grid_json(text: str) -> dict:
+    """A grid from inline JSON text (starting with '{') or a JSON file path."""
+    inline = text.lstrip().startswith("{")
+    try:
+        grid = json.loads(text if inline else Path(text).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--grid: {'inline text' if inline else text} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"--grid: cannot read {text} ({e.strerror}); pass a JSON file or inline JSON") from None
+    if not isinstance(grid, dict):
+        raise ValueError("--grid: expected a JSON object {key: [values]} or {mode: {key: [values]}}")
+    return grid
+
+
+def trial_key(config: dict) -> str:
+    """Canonical JSON of a trial's config: equal configs give equal keys whatever their key order."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def expand(mode: str, grid: dict, budget: dict) -> list[dict]:
+    """Every full trial config of the grid's Cartesian product: train.py's config for `mode` (so unlisted
+    keys take the same defaults) with the grid's values and the tuning budget."""
+    keys = list(grid)
+    configs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        chosen = dict(zip(keys, values))
+        config = default_config(mode, **{k: v for k, v in chosen.items() if k in TRAIN_KEYS},
+                                hyperparams={k: v for k, v in chosen.items() if k not in TRAIN_KEYS},
+                                **{k: v for k, v in budget.items() if k != "data_checksum"})
+        configs.append({**config, **budget})
+    return configs
+
+
+def run_trial(config: dict, data, device="cpu") -> dict:
+    """Train one config on `data`'s training split; score the deployed model on its validation split."""
+    torch.manual_seed(config["seed"])
+    model = LeNet5()
+    method = get_method(config["mode"], keep_fp=config["keep_fp"], **config["hyperparams"])
+    method.attach(model)
+    # train() sees only the training split: empty val/test tensors skip its per-epoch validation of the
+    # latent model and make it impossible for a trial to read the test set.
+    empty_x, empty_y = data.val_x[:0], data.val_y[:0]
+    train_only = replace(data, val_x=empty_x, val_y=empty_y, test_x=empty_x, test_y=empty_y)
+    record = {"config": config, "seed": config["seed"]}
+    start = time.perf_counter()
+    try:
+        train(model, method, train_only, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
+              schedule=config["schedule"], weight_decay=config["weight_decay"], shift=config["shift"],
+              seed=config["seed"], device=device,
+              progress=False, log=lambda _: None)
+        val = evaluate(rebuild_model(method.export(model.cpu())), data.val_x, data.val_y)
+        loss = val["loss"] if math.isfinite(val["loss"]) else None  # JSON has no NaN/inf
+        record.update(val_acc=val["acc"], val_loss=loss)
+    except DivergenceError as e:  # a diverging lr is a result of the search, not a crash
+        record.update(val_acc=None, val_loss=None, error=str(e))
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    record["threads"] = torch.get_num_threads()  # seconds depend on it (and on what else the machine runs)
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return record
+
+
+def _read_json(path: Path, empty: dict) -> dict:
+    """The JSON object in `path` (`empty` if absent); a foreign or broken file is an error, never overwritten."""
+    if not path.exists():
+        return empty
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); move it aside to start a fresh search") from None
+    if not isinstance(doc, dict) or ("trials" in empty and not isinstance(doc.get("trials"), list)):
+        raise ValueError(f"{path}: not a tuning file; move it aside to start a fresh search")
+    return doc
+
+
+def read_trials(out_dir, mode: str) -> list[dict]:
+    """Every recorded trial of `mode` in `out_dir` ([] if none)."""
+    return _read_json(Path(out_dir) / f"{mode}_tuning.json", {"mode": mode, "trials": []})["trials"]
+
+
+def read_summary(out_dir) -> dict:
+    """{mode: best-config entry} from `out_dir`/tuning_summary.json ({} if none)."""
+    return _read_json(Path(out_dir) / SUMMARY, {})
+
+
+def summarize(trials: list[dict], budget: dict) -> dict | None:
+    """Best trial with `budget` (highest val acc, then lowest val loss) as a summary entry; None if none scored."""
+    same = [t for t in trials if all(t["config"].get(k) == v for k, v in budget.items())]
+    scored = [t for t in same if t.get("val_acc") is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda t: (t["val_acc"], -(t["val_loss"] if t["val_loss"] is not None else math.inf)))
+    config = best["config"]
+    return {"config": {**{k: config[k] for k in TRAIN_KEYS}, "hyperparams": config["hyperparams"]},
+            "val_acc": best["val_acc"], "val_loss": best["val_loss"], "seed": best["seed"],
+            "trials": len(same), "diverged": len(same) - len(scored), "budget": budget,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def record_trial(out_dir, record: dict) -> list[dict]:
+    """Merge one trial into {mode}_tuning.json and refresh tuning_summary.json; returns the mode's trials.
+
+    Both files are re-read, merged and written atomically under their locks (always taken in the order
+    mode file, then summary, so two tuners never deadlock), so concurrent tuners lose nothing.
+    """
+    out_dir = Path(out_dir)
+    config = record["config"]
+    mode = config["mode"]
+    path, summary_path = out_dir / f"{mode}_tuning.json", out_dir / SUMMARY
+    with locked(path):
+        doc = _read_json(path, {"mode": mode, "trials": []})
+        if trial_key(config) not in {trial_key(t["config"]) for t in doc["trials"]}:
+            doc["trials"].append(record)
+            atomic_write_json(path, doc)
+        with locked(summary_path):
+            summary = _read_json(summary_path, {})
+            entry = summarize(doc["trials"], {k: config[k] for k in BUDGET_KEYS})
+            if entry is not None:
+                summary[mode] = entry
+                summary = {m: summary[m] for m in [*METHODS, *summary] if m in summary}
+                atomic_write_json(summary_path, summary)
+    return doc["trials"]
+
+
+def _describe(config: dict, keys) -> str:
+    flat = {**config, **config["hyperparams"]}
+    return " ".join(f"{k}={flat[k]:g}" if isinstance(flat[k], float) else f"{k}={flat[k]}" for k in keys)
+
+
+def _score(record: dict) -> str:
+    if record["val_acc"] is None:
+        return "diverged"
+    loss = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "inf"
+    return f"val acc {record['val_acc']:.2f}% loss {loss}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours}:{minutes:02d}:{seconds % 60:02d}" if hours else f"{minutes}:{seconds % 60:02d}"
+
+
+_WORKER = {}
+
+
+def _init_worker(threads: int, data_kwargs: dict) -> None:
+    # The parent handles Ctrl-C and stops the pool; workers ignoring SIGINT avoids a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore; a worker terminated on Ctrl-C would leave it
+    # registered, and the resource tracker warns about it. Workers draw no bars: a thread lock suffices.
+    tqdm.set_lock(threading.RLock())
+    torch.set_num_threads(threads)
+    _WORKER["data"] = load_mnist(**data_kwargs, allow_download=False)
+
+
+def _pool_trial(config: dict, device) -> dict:
+    return run_trial(config, _WORKER["data"], device)
+
+
+def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, val_size: int = 5000, seed: int = 0,
+           data_dir="data", skip_checksum: bool = False, workers: int = 1, out_dir="results/tuning",
+           device="cpu", log=print) -> list[dict]:
+    """Run every not-yet-recorded trial of `grids` ({mode: grid}); returns the records of this run's trials.
+
+    workers > 1 runs trials in separate processes, each with cores // workers torch threads.
+    """
+    if val_size < 1:
+        raise ValueError("tuning needs a validation split: --val-size must be >= 1")
+    grids = {mode: validate_grid(mode, grid) for mode, grid in grids.items()}
+    data_kwargs = {"data_dir": data_dir, "val_size": val_size, "split_seed": seed, "train_subset": train_subset,
+                   "verify_checksum": not skip_checksum}
+    data = load_mnist(**data_kwargs)
+    budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed,
+              "data_checksum": data.checksum}
+    pending, total = [], 0
+    for mode, grid in grids.items():
+        done = {trial_key(t["config"]) for t in read_trials(out_dir, mode)}
+        configs = expand(mode, grid, budget)
+        total += len(configs)
+        pending += [c for c in configs if trial_key(c) not in done]
+    log(f"tuning {', '.join(grids)}: {total} trials, {total - len(pending)} already recorded in {out_dir}; "
+        f"{epochs} epoch(s) on {len(data.train_y)} images, scored on {len(data.val_y)} validation images, "
+        f"{workers} worker(s)")
+    start, finished, skipped = time.perf_counter(), [], []
+
+    def note(record):
+        record_trial(out_dir, record)
+        finished.append(record)
+        config, n = record["config"], len(finished)
+        elapsed = time.perf_counter() - start
+        todo = len(pending) - len(skipped)
+        log(f"[{config['mode']} {n}/{todo}] {_describe(config, grids[config['mode']])}  {_score(record)}  "
+            f"{record['seconds']:.1f}s  elapsed {_clock(elapsed)}  ETA {_clock(elapsed / n * (todo - n))}")
+
+    if workers == 1 or len(pending) <= 1:
+        for config in pending:
+            # Another tuner on the same files may have run this trial meanwhile.
+            if trial_key(config) in {trial_key(t["config"]) for t in read_trials(out_dir, config["mode"])}:
+                skipped.append(config)
+                continue
+            note(run_trial(config, data, device))
+        return finished
+    del data  # each worker loads its own copy
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(threads, data_kwargs))
+    try:
+        jobs = [pool.submit(_pool_trial, config, device) for config in pending]
+        for job in futures.as_completed(jobs):
+            note(job.result())
+    except BaseException:
+        # Stop at once (Ctrl-C, a failed trial): the finished trials are already on disk.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)  # joins the dead workers and frees their queues
+        raise
+    pool.shutdown()
+    return finished
+
+
+def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int = 0, skip_checksum: bool = False,
+                 out_dir="results/tuning", log=print, **search_kwargs) -> dict:
+    """The best recorded config for `mode` (lr, batch_size, schedule, weight_decay, shift, hyperparams).
+
+    With `run_search`, first run the default (short) search for `mode`, with `search_kwargs` (epochs,
+    train_subset, val_size, workers) overriding its budget; recorded trials are reused.
+    """
+    if mode not in METHODS:
+        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
+    if run_search:
+        search(build_grids([mode]), data_dir=data_dir, seed=seed, skip_checksum=skip_checksum, out_dir=out_dir,
+               log=log, **search_kwargs)
+    summary = read_summary(out_dir)
+    if mode not in summary:
+        raise ValueError(f"no tuned config for {mode} in {Path(out_dir) / SUMMARY}; "
+                         f"run python tune_hyperparams.py --mode {mode} first")
+    entry = summary[mode]
+    return {**{k: entry["config"][k] for k in TRAIN_KEYS}, "hyperparams": dict(entry["config"]["hyperparams"])}
