@@ -145,6 +145,7 @@ class ADMM(Method):
 
     def _freeze(self, model):
         """Hard-project W <- Pi(W) and switch every quantized layer to its frozen codes."""
+        self.final_residual = self.state.primal_residual()  # ||W - G|| / ||W|| just before the projection
         for name, layer in self.quantized(model):
             codes, alpha, delta = admm.project_ternary(layer.weight)
             layer.weight.copy_(codes.to(layer.weight.dtype) * alpha)
@@ -155,7 +156,9 @@ class ADMM(Method):
         self.finetuning = True
 
     def epoch_stats(self):
-        return {"primal_residual": self.state.primal_residual(), "rho": self.state.rho}
+        # Once the codes are frozen W = G by construction; report the residual the projection closed.
+        residual = self.final_residual if self.finetuning else self.state.primal_residual()
+        return {"primal_residual": residual, "rho": self.state.rho}
 
     @torch.no_grad()
     def finish(self, model, recalibration_batches):

@@ -1,0 +1,329 @@
+"""Numbers of the study, read from results/ only, and the markdown tables of report.md / README.md.
+
+Readers (also used by quant/plotting.py):
+    study_rows        latest results.csv row per (mode, seed) with a tag ("study"); an old table without a
+                      tag column reads as tag ""
+    deployment_rows   results/deployment.csv rows (one per layer + "total" per checkpoint) of those runs
+    summarize         per mode: seeds, accuracies, sizes, sparsity, as plain Python numbers
+
+Tables live in the documents between markers, and only there:
+
+    <!-- BEGIN:results_table -->
+    ...rewritten by refresh()...
+    <!-- END:results_table -->
+
+`refresh` replaces the body of every marker pair whose name is in TABLES and leaves all other text alone,
+so prose is never touched and running it twice changes nothing. Prose cites table cells, not numbers.
+"""
+import csv
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+from .files import atomic_write_text
+from .results import ResultsError, read_results
+
+# The order of quant.methods.METHODS (not imported: it would pull in torch; tests check they agree).
+MODE_ORDER = ("fp", "twn", "ttq", "admm")
+LABELS = {"fp": "FP32", "twn": "TWN", "ttq": "TTQ", "admm": "ADMM"}
+LAYERS = ("conv1", "conv2", "fc1", "fc2")
+MARKER = re.compile(r"<!-- BEGIN:(?P<name>[\w.-]+) -->(?P<body>.*?)<!-- END:(?P=name) -->", re.S)
+NA = "n/a"
+
+
+class NoResults(ValueError):
+    """results/ holds no rows for the requested tag (nothing to tabulate or plot)."""
+
+
+def label(mode: str) -> str:
+    return LABELS.get(mode, mode.upper())
+
+
+def mode_key(mode: str):
+    return (MODE_ORDER.index(mode), "") if mode in MODE_ORDER else (len(MODE_ORDER), mode)
+
+
+def number(value) -> float:
+    """A CSV cell as float; empty or unparsable cells are NaN."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def seed_of(row: dict):
+    """The seed as an int where it is one (old tables may lack the column: "")."""
+    value = row.get("seed") or ""
+    try:
+        return int(float(value))
+    except ValueError:
+        return value
+
+
+# ---------------------------------------------------------------- readers
+
+def study_rows(results_dir, tag: str = "study") -> list[dict]:
+    """Latest row per (mode, seed) of results.csv with `tag`, ordered by mode then seed (file order = age)."""
+    _, rows = read_results(Path(results_dir) / "results.csv")
+    latest = {}
+    for row in rows:
+        if (row.get("tag") or "") == tag and row.get("mode"):
+            latest[(row["mode"], seed_of(row))] = row
+    return [latest[k] for k in sorted(latest, key=lambda k: (mode_key(k[0]), str(k[1]).zfill(8)))]
+
+
+def read_csv(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def deployment_rows(results_dir, rows: list[dict]) -> list[dict]:
+    """deployment.csv rows of the checkpoints in `rows` (all rows if none of them match: a hand-made table)."""
+    table = read_csv(Path(results_dir) / "deployment.csv")
+    wanted = {r.get("checkpoint") for r in rows}
+    matched = [d for d in table if d.get("checkpoint") in wanted]
+    return matched or table
+
+
+def read_json(path):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def mean(values):
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def std(values):
+    """Sample standard deviation (n - 1); NaN for fewer than two values."""
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summarize(results_dir, tag: str = "study") -> dict:
+    """{mode: stats} over the latest `tag` runs; raises NoResults if there are none.
+
+    Per mode: seeds, test_acc / val_acc / train_seconds (lists per seed), and from deployment.csv's "total" rows
+    (lists per seed): file_2bit, file_base3 (bytes on disk), fp32_state_dict (bytes), codes_2bit, codes_base3,
+    entropy_bytes, entropy_bits, zero_fraction, mismatches; `size` = deployed bytes on disk (2-bit file; FP:
+    the FP32 state_dict), `compression` = FP32 state_dict bytes / size.
+    """
+    try:
+        rows = study_rows(results_dir, tag)
+    except ResultsError as e:
+        raise NoResults(str(e)) from None
+    if not rows:
+        raise NoResults(f"{Path(results_dir) / 'results.csv'} has no rows tagged {tag!r}")
+    totals = [d for d in deployment_rows(results_dir, rows) if d.get("layer") == "total"]
+    fp32_any = [number(d.get("fp32_state_dict_bytes")) for d in totals]
+    out = {}
+    for row in rows:
+        s = out.setdefault(row["mode"], {k: [] for k in (
+            "seeds", "checkpoints", "test_acc", "val_acc", "train_seconds", "file_2bit", "file_base3",
+            "fp32_state_dict", "codes_2bit", "codes_base3", "entropy_bytes", "entropy_bits", "zero_fraction",
+            "mismatches", "size", "compression")})
+        s["seeds"].append(seed_of(row))
+        s["checkpoints"].append(row.get("checkpoint", ""))
+        for key in ("test_acc", "val_acc", "train_seconds"):
+            s[key].append(number(row.get(key)))
+        dep = [d for d in totals if d.get("checkpoint") == row.get("checkpoint")]
+        if not dep and row["mode"] != "fp":  # a hand-made deployment.csv: match by mode and seed order
+            same_mode = [d for d in totals if d.get("mode") == row["mode"]]
+            dep = same_mode[len(s["seeds"]) - 1:len(s["seeds"])]
+        if dep:
+            d = dep[0]
+            for key, col in (("file_2bit", "file_bytes_2bit"), ("file_base3", "file_bytes_base3"),
+                             ("fp32_state_dict", "fp32_state_dict_bytes"), ("codes_2bit", "bytes_2bit"),
+                             ("codes_base3", "bytes_base3"), ("entropy_bytes", "entropy_bytes"),
+                             ("entropy_bits", "entropy_bits"), ("zero_fraction", "zero_fraction")):
+                s[key].append(number(d.get(col)))
+            s["mismatches"].append(number(d.get("mismatches_2bit", 0)) + number(d.get("mismatches_base3", 0)))
+            s["size"].append(s["file_2bit"][-1])
+            s["compression"].append(s["fp32_state_dict"][-1] / s["file_2bit"][-1])
+        elif row["mode"] == "fp" and fp32_any:
+            # FP ships as its FP32 state_dict; same architecture, so any packed checkpoint's figure is its size.
+            s["fp32_state_dict"].append(mean(fp32_any))
+            s["size"].append(mean(fp32_any))
+            s["compression"].append(1.0)
+    return dict(sorted(out.items(), key=lambda kv: mode_key(kv[0])))
+
+
+def layer_stats(results_dir, tag: str = "study") -> dict:
+    """{layer: {"weights", "fp32", "codes_2bit", "codes_base3", "zero": {mode: [per seed]}}} from deployment.csv."""
+    rows = study_rows(results_dir, tag)
+    out = {}
+    for d in deployment_rows(results_dir, rows):
+        if d.get("layer") not in LAYERS or (d.get("ternary") or "True") != "True":
+            continue
+        s = out.setdefault(d["layer"], {"weights": number(d.get("weights")), "fp32": number(d.get("fp32_bytes")),
+                                        "codes_2bit": number(d.get("bytes_2bit")),
+                                        "codes_base3": number(d.get("bytes_base3")), "zero": {}, "entropy": {}})
+        s["zero"].setdefault(d.get("mode", "?"), []).append(number(d.get("zero_fraction")))
+        s["entropy"].setdefault(d.get("mode", "?"), []).append(number(d.get("entropy_bytes")))
+    return {k: out[k] for k in LAYERS if k in out}
+
+
+# ---------------------------------------------------------------- formatting
+
+def fmt(value, spec: str = ".2f") -> str:
+    return NA if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def pm(values, spec: str = ".2f") -> str:
+    """'mean ± std' (sample std over seeds), or the mean alone for one seed."""
+    m, s = mean(values), std(values)
+    if math.isnan(m):
+        return NA
+    return fmt(m, spec) if math.isnan(s) else f"{fmt(m, spec)} ± {fmt(s, spec)}"
+
+
+def markdown(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = [header, rule, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def results_table(stats: dict) -> str:
+    fp = mean(stats["fp"]["test_acc"]) if "fp" in stats else math.nan
+    rows = []
+    for mode, s in stats.items():
+        delta = mean(s["test_acc"]) - fp
+        rows.append([label(mode), str(len(s["seeds"])), pm(s["test_acc"]),
+                     "baseline" if mode == "fp" else fmt(delta, "+.2f"),
+                     fmt(mean(s["size"]) / 1024, ",.1f"), fmt(mean(s["compression"]), ".1f") + "×"
+                     if s["compression"] else NA,
+                     "—" if mode == "fp" else pm([100 * z for z in s["zero_fraction"]], ".1f")])
+    return markdown(["Method", "Seeds", "Test accuracy (%)", "Δ vs FP32 (pp)", "Deployed size (KiB)",
+                     "Compression vs FP32", "Zero codes (%)"], rows)
+
+
+def seeds_table(stats: dict) -> str:
+    seeds = sorted({seed for s in stats.values() for seed in s["seeds"]}, key=lambda v: str(v).zfill(8))
+    rows = []
+    for mode, s in stats.items():
+        by_seed = dict(zip(s["seeds"], s["test_acc"]))
+        rows.append([label(mode), *[fmt(by_seed.get(seed, math.nan)) for seed in seeds], pm(s["val_acc"]),
+                     fmt(mean(s["train_seconds"]), ".1f")])
+    return markdown(["Method", *[f"Test acc. seed {seed} (%)" for seed in seeds], "Validation acc. (%)",
+                     "Training time per run (s)"], rows)
+
+
+def deployment_table(stats: dict) -> str:
+    rows = []
+    for mode, s in stats.items():
+        if mode == "fp" or not s["file_2bit"]:
+            continue
+        rows.append([label(mode), fmt(mean(s["file_2bit"]), ",.0f"), fmt(mean(s["file_base3"]), ",.0f"),
+                     fmt(mean(s["codes_2bit"]), ",.0f"), fmt(mean(s["codes_base3"]), ",.0f"),
+                     fmt(mean(s["entropy_bytes"]), ",.0f"), fmt(mean(s["entropy_bits"]), ".3f"),
+                     fmt(mean(s["fp32_state_dict"]), ",.0f"), fmt(sum(s["mismatches"]), ".0f")])
+    if not rows:
+        return "*No deployment files yet: run `python reproduce.py` (or `deployment_compression.py --verify`).*"
+    return markdown(["Method", "2-bit file (B)", "Base-3 file (B)", "Codes 2-bit (B)", "Codes base-3 (B)",
+                     "Entropy bound (B)", "Entropy (bit/weight)", "FP32 state_dict (B)",
+                     "Packed ≠ checkpoint predictions"], rows)
+
+
+def layers_table(layers: dict) -> str:
+    if not layers:
+        return "*No deployment files yet: run `python reproduce.py`.*"
+    modes = sorted({m for s in layers.values() for m in s["zero"]}, key=mode_key)
+    rows = [[name, fmt(s["weights"], ",.0f"), fmt(s["fp32"], ",.0f"), fmt(s["codes_2bit"], ",.0f"),
+             fmt(s["codes_base3"], ",.0f"), *[pm([100 * z for z in s["zero"].get(m, [])], ".1f") for m in modes]]
+            for name, s in layers.items()]
+    return markdown(["Layer", "Weights", "FP32 (B)", "2-bit (B)", "Base-3 (B)",
+                     *[f"{label(m)} zero codes (%)" for m in modes]], rows)
+
+
+def config_table(results_dir, tag: str = "study") -> str:
+    rows, grouped = [], {}
+    for row in study_rows(results_dir, tag):
+        grouped.setdefault(row["mode"], []).append(row)
+    for mode, runs in grouped.items():
+        cell = lambda key: ", ".join(dict.fromkeys(str(r.get(key) or "") for r in runs)) or NA
+        hp = ", ".join(dict.fromkeys(", ".join(f"{k}={v}" for k, v in json.loads(r.get("hyperparams") or "{}").items())
+                                     for r in runs)) or "—"
+        rows.append([label(mode), cell("lr"), cell("batch_size"), cell("schedule"), cell("epochs"), hp])
+    return markdown(["Method", "Peak lr", "Batch", "Schedule", "Epochs", "Method hyperparameters"], rows, "lrrlrl")
+
+
+def setup_table(results_dir) -> str:
+    info = read_json(Path(results_dir) / "study.json")
+    if not info:
+        return "*No results/study.json yet: run `python reproduce.py`.*"
+    plan = info.get("plan", {})
+    subset = plan.get("train_subset")
+    rows = [["Command", f"`{info.get('command', NA)}`"],
+            ["CPU (lscpu model name)", str(info.get("cpu", NA))],
+            ["Logical CPUs / torch threads", f"{info.get('logical_cpus', NA)} / {info.get('torch_threads', NA)}"],
+            ["torch / Python", f"{info.get('torch', NA)} / {info.get('python', NA)}"],
+            ["Device", str(info.get("device", NA))],
+            ["Seeds", " ".join(map(str, plan.get("seeds", []))) or NA],
+            ["Validation images (random split per seed)", fmt(plan.get("val_size"), ",d")],
+            ["Training images", "all remaining" if subset is None else fmt(subset, ",d")],
+            ["Wall-clock, train + evaluate + pack (s)", fmt(info.get("seconds_train_eval_pack"), ".0f")]]
+    return markdown(["Setting", "Value"], rows, "ll")
+
+
+# Published reference points (fixed; never recomputed). Seed study: /work/shared/seed-study/README.md, one
+# unseeded run per method, tuned on the test set. TWN paper: Li et al., arXiv 1605.04711, LeNet-5 on MNIST.
+SEED_STUDY = {"fp": 98.96, "twn": 95.46, "ttq": 94.60, "admm": 98.67}
+TWN_PAPER = {"fp": 99.41, "twn": 99.35}
+
+
+def comparison_table(stats: dict) -> str:
+    rows = [[label(mode), pm(s["test_acc"]), fmt(SEED_STUDY.get(mode, math.nan)) if mode in SEED_STUDY else "—",
+             fmt(TWN_PAPER[mode]) if mode in TWN_PAPER else "—"] for mode, s in stats.items()]
+    return markdown(["Method", "This study: test acc. (%)", "Seed study (%)", "TWN paper (%)"], rows)
+
+
+def tables(results_dir, tag: str = "study") -> dict:
+    """{marker name: markdown} for every generated table."""
+    stats = summarize(results_dir, tag)
+    return {"results_table": results_table(stats), "seeds_table": seeds_table(stats),
+            "deployment_table": deployment_table(stats), "layers_table": layers_table(layer_stats(results_dir, tag)),
+            "config_table": config_table(results_dir, tag), "setup_table": setup_table(results_dir),
+            "comparison_table": comparison_table(stats)}
+
+
+TABLES = ("results_table", "seeds_table", "deployment_table", "layers_table", "config_table", "setup_table",
+          "comparison_table")
+
+
+def fill(text: str, generated: dict) -> str:
+    """`text` with the body of each known marker pair replaced by its table (others left as they are)."""
+    def replace(m):
+        name = m["name"]
+        if name not in generated:
+            return m[0]
+        return f"<!-- BEGIN:{name} -->\n{generated[name]}\n<!-- END:{name} -->"
+    return MARKER.sub(replace, text)
+
+
+def marker_names(text: str) -> list[str]:
+    return [m["name"] for m in MARKER.finditer(text)]
+
+
+def refresh(documents, results_dir="results", tag: str = "study") -> list[Path]:
+    """Rewrite the generated tables in each existing document; returns the documents that changed.
+
+    Raises NoResults if results_dir has no `tag` rows (documents are then left untouched).
+    """
+    generated = tables(results_dir, tag)
+    changed = []
+    for doc in map(Path, documents):
+        if not doc.exists():
+            continue
+        text = doc.read_text(encoding="utf-8")
+        new = fill(text, generated)
+        if new != text:
+            atomic_write_text(doc, new)
+            changed.append(doc)
+    return changed

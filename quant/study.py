@@ -1,0 +1,228 @@
+"""The seed study behind report.md: every (mode, seed) trained, evaluated, packed, plotted and tabulated.
+
+    MNIST is decoded once; per seed the 5,000-image validation split is re-drawn (as load_mnist would)
+    for each seed, mode:   runs.train_checkpoint -> checkpoints/{mode}_seed{s}.pth
+                           runs.evaluate_checkpoint -> one results.csv row tagged "study"
+                           -> results/history/{mode}_seed{s}.csv   (per-epoch history, ADMM residual and rho)
+                           -> results/weights/{mode}_seed{s}.json  (latent-weight histograms, delta, code mix)
+    deployment_compression.py --verify over the tag's checkpoints -> results/deployment.csv / .json
+    quant.plotting.plot_all(results/) and quant.report.refresh(report.md, README.md)
+
+Everything plots and the report need lands in the results folder, so they never open a checkpoint.
+`quick=True` (one seed, 5,000 training images, one epoch, tag "quick") writes to results/quick/ and
+checkpoints/quick_*.pth, so a pipeline check never mixes with the study's numbers.
+"""
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
+from .data import MNIST, load_mnist, split_indices
+from .files import atomic_write_json
+from .methods import METHODS
+from .results import read_results
+from .runs import default_config, evaluate_checkpoint, train_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+HIST_BINS = 100
+
+
+class PackError(RuntimeError):
+    """deployment_compression.py failed, or a packed file's predictions differ from its checkpoint's."""
+
+
+@dataclass
+class Plan:
+    """What one study run trains and where it writes (defaults: the full study of report.md)."""
+    modes: list = field(default_factory=lambda: list(METHODS))
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 3
+    train_subset: int | None = None
+    val_size: int = 5000
+    tag: str = "study"
+    results_dir: Path = Path("results")
+    checkpoint_dir: Path = Path("checkpoints")
+    prefix: str = ""  # checkpoint file prefix ("quick_" keeps quick runs apart under the same .gitignore rule)
+    data_dir: Path = Path("data")
+    verify_checksum: bool = True
+    device: str = "cpu"
+    reuse: bool = False  # skip training where a checkpoint with the identical config already exists
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, **overrides) -> "Plan":
+        """One seed, 5,000 training images, one epoch, tag "quick", results/quick/: a minutes-long pipeline check."""
+        base = {"seeds": [0], "epochs": 1, "train_subset": 5000, "tag": "quick",
+                "results_dir": Path("results/quick"), "prefix": "quick_"}
+        return cls(**{**base, **overrides})
+
+    def checkpoint(self, mode: str, seed: int) -> Path:
+        return self.checkpoint_dir / f"{self.prefix}{run_name(mode, seed)}.pth"
+
+
+def run_name(mode: str, seed) -> str:
+    """The file stem shared by a run's checkpoint, history CSV and weights JSON."""
+    return f"{mode}_seed{seed}"
+
+
+def resplit(full: MNIST, val_size: int, seed: int, train_subset: int | None = None) -> MNIST:
+    """The split load_mnist(val_size=val_size, split_seed=seed, train_subset=...) gives, from an unsplit load.
+
+    `full` must come from load_mnist(val_size=0), whose train tensors are all 60,000 images in file order;
+    re-drawing the split then costs one index gather instead of decoding and hashing the IDX files again.
+    """
+    if len(full.val_y):
+        raise ValueError("resplit needs an unsplit load (load_mnist(..., val_size=0))")
+    train_idx, val_idx = split_indices(len(full.train_y), val_size, seed)
+    if train_subset is not None:
+        train_idx = train_idx[:train_subset]
+    return MNIST(train_x=full.train_x[train_idx], train_y=full.train_y[train_idx],
+                 val_x=full.train_x[val_idx], val_y=full.train_y[val_idx],
+                 test_x=full.test_x, test_y=full.test_y, checksum=full.checksum)
+
+
+def weight_summary(ckpt: dict, bins: int = HIST_BINS) -> dict:
+    """Per weight layer: histogram of the latent weights over [-max|W|, max|W|] and, if ternary, delta,
+    scales and the fractions of deployed codes -1 / 0 / +1 (what weight_histograms.png draws)."""
+    state, export = ckpt["state_dict"], ckpt["export"]
+    layers = []
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        w = state[f"{name}.weight"].detach().double().reshape(-1).numpy()
+        limit = float(np.abs(w).max()) or 1.0
+        counts, edges = np.histogram(w, bins=bins, range=(-limit, limit))
+        entry = {"layer": name, "shape": list(state[f"{name}.weight"].shape), "weights": int(w.size),
+                 "edges": edges.tolist(), "counts": counts.tolist(), "mean_abs": float(np.abs(w).mean()),
+                 "max_abs": float(np.abs(w).max()),
+                 # ADMM hard-projects W before its frozen-code fine-tune, so its latent W holds <= 3 values
+                 "latent_distinct": int(min(np.unique(w).size, 1000)), "ternary": name in export["ternary"]}
+        if entry["ternary"]:
+            layer = export["ternary"][name]
+            codes = layer["codes"].reshape(-1)
+            n = codes.numel()
+            entry.update({
+                "delta": [float(v) for v in layer["delta"].reshape(-1)],
+                "w_p": [float(v) for v in layer["w_p"].reshape(-1)],
+                "w_n": [float(v) for v in layer["w_n"].reshape(-1)],
+                "code_fractions": {"-1": (codes == -1).sum().item() / n, "0": (codes == 0).sum().item() / n,
+                                   "+1": (codes == 1).sum().item() / n}})
+        layers.append(entry)
+    return {"mode": ckpt["mode"], "seed": ckpt["seed"], "bins": bins,
+            "source": "checkpoint state_dict (latent weights) and export (codes, scales, delta)", "layers": layers}
+
+
+def cpu_model() -> str:
+    """The CPU model name as `lscpu` reports it (falls back to /proc/cpuinfo, then platform)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        match = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        if match:
+            return match.group(1).strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def train_or_reuse(plan: Plan, config: dict, data: MNIST, path: Path, log=print) -> dict:
+    """Train into `path`, or with plan.reuse load an existing checkpoint whose config and data match."""
+    if plan.reuse and path.exists():
+        try:
+            ckpt = load_checkpoint(path, config["mode"])
+            if ckpt["config"] == config and ckpt.get("data_checksum") == data.checksum:
+                log(f"reusing {path} (same config and data)")
+                return ckpt
+            log(f"{path} has another config or data; retraining")
+        except CheckpointError as e:
+            log(f"{e}; retraining")
+    return train_checkpoint(config, data, path, device=plan.device, progress=plan.progress, log=log)
+
+
+def study_checkpoints(results_path: Path, tag: str) -> list[Path]:
+    """Checkpoints of the latest `tag` row per (mode, seed) in results.csv that still exist on disk."""
+    _, rows = read_results(results_path)
+    latest = {(r.get("mode"), r.get("seed")): r["checkpoint"] for r in rows if (r.get("tag") or "") == tag}
+    return [Path(p) for p in dict.fromkeys(latest.values()) if p and Path(p).exists()]
+
+
+def pack_and_verify(checkpoints: list[Path], plan: Plan, log=print) -> dict:
+    """Run deployment_compression.py --verify on `checkpoints`, writing deployment.csv/.json into the results dir.
+
+    A subprocess keeps that script the only writer of the deployment files' format. Returns deployment.json.
+    """
+    cmd = [sys.executable, str(REPO / "deployment_compression.py"), "--verify", "--data-dir", str(plan.data_dir),
+           "--results-dir", str(plan.results_dir), "--device", "cpu"]
+    cmd += [] if plan.verify_checksum else ["--skip-checksum"]
+    for path in checkpoints:
+        cmd += ["--checkpoint", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
+        raise PackError(f"deployment_compression.py --verify failed (exit {done.returncode}): {' | '.join(tail)}")
+    report = json.loads((plan.results_dir / "deployment.json").read_text())
+    for s in report.get("checkpoints", []):
+        files = ", ".join(f"{enc} {s[f'file_bytes_{enc}']:,} B ({s.get(f'mismatches_{enc}', '?')} differing predictions)"
+                          for enc in ("2bit", "base3") if f"file_bytes_{enc}" in s)
+        log(f"packed {s['checkpoint']}: {files}")
+    return report
+
+
+def run_study(plan: Plan, log=print) -> dict:
+    """Train, evaluate, write artefacts, pack and verify; returns {"rows": results rows, "seconds": wall time}.
+
+    Plots and report tables are separate steps (quant.plotting.plot_all, quant.report.refresh).
+    """
+    unknown = [m for m in plan.modes if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    start = time.perf_counter()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results_path = plan.results_dir / "results.csv"
+    full = load_mnist(plan.data_dir, val_size=0, verify_checksum=plan.verify_checksum)
+    total, rows, runs = len(plan.modes) * len(plan.seeds), [], []
+    for seed in plan.seeds:
+        data = resplit(full, plan.val_size, seed, plan.train_subset)
+        for mode in plan.modes:
+            log(f"[{len(rows) + 1}/{total}] {mode} seed {seed}: {len(data.train_y)} training images, "
+                f"{plan.epochs} epoch(s)")
+            config = default_config(mode, seed=seed, epochs=plan.epochs, val_size=plan.val_size,
+                                    train_subset=plan.train_subset)
+            path = plan.checkpoint(mode, seed)
+            ckpt = train_or_reuse(plan, config, data, path, log)
+            result = evaluate_checkpoint(path, mode, data, results_path=results_path, tag=plan.tag, device=plan.device)
+            rows.append(result["row"])
+            name = run_name(mode, seed)
+            write_history_csv(plan.results_dir / "history" / f"{name}.csv", ckpt["history"])
+            atomic_write_json(plan.results_dir / "weights" / f"{name}.json", weight_summary(ckpt))
+            runs.append({"mode": mode, "seed": seed, "checkpoint": str(path),
+                         "train_seconds": ckpt["metrics"]["train_seconds"]})
+            log(f"{mode} seed {seed}: test accuracy {result['row']['test_acc']:.2f}% "
+                f"(validation {result['row']['val_acc']:.2f}%)")
+    # Every checkpoint of the tag (also from earlier runs of other modes), as deployment.csv is rewritten whole.
+    checkpoints = study_checkpoints(results_path, plan.tag)
+    if any(load_checkpoint(p)["export"]["ternary"] for p in checkpoints):
+        pack_and_verify(checkpoints, plan, log)
+    else:
+        log("no ternary checkpoint to pack; deployment.csv left as it is")
+    seconds = time.perf_counter() - start
+    atomic_write_json(plan.results_dir / "study.json", {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "started": started,
+        "seconds_train_eval_pack": round(seconds, 1), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__), "python": platform.python_version(),
+        "device": str(plan.device), "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+        "runs": runs})
+    return {"rows": rows, "seconds": seconds}

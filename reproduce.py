@@ -1,0 +1,90 @@
+"""Reproduce the study of report.md: train FP, TWN, TTQ and ADMM for several seeds, evaluate each deployed
+model on the MNIST test set, pack and verify the ternary ones, draw the figures, refresh the report tables.
+
+Writes checkpoints/{mode}_seed{s}.pth and, in results/: results.csv rows tagged "study", history/, weights/,
+deployment.csv/.json, study.json and the PNGs. --quick (one seed, 5,000 images, one epoch, tag "quick")
+writes results/quick/ and checkpoints/quick_*.pth instead and leaves report.md alone.
+
+Example:
+    python reproduce.py --data-dir ../shared/mnist            # the full study (3 seeds x 4 modes x 3 epochs)
+    python reproduce.py --quick --data-dir ../shared/mnist    # a pipeline check in about two minutes
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quant.cli import ArgumentParser, non_negative_int, pick_device, positive_int, run_main
+from quant.methods import METHODS
+from quant.study import PackError, Plan, run_study
+
+DOCUMENTS = ("report.md", "README.md")
+BUDGET_S = 12 * 60  # the full study should fit in this on the project's 2-core machine
+
+
+def parse_args():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=None,
+                        help="seeds, each its own init, validation split and batch order (default: 0 1 2; --quick: 0)")
+    parser.add_argument("--modes", nargs="+", choices=tuple(METHODS), default=list(METHODS),
+                        help=f"methods to run (default: {' '.join(METHODS)})")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, --train-subset 5000, 1 epoch, tag 'quick', into results/quick/")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default: 3; --quick: 1)")
+    parser.add_argument("--train-subset", "--train_subset", type=positive_int, default=None,
+                        help="train on the first N images of each split (default: all; --quick: 5000)")
+    parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,
+                        help="training images held out for validation, a random split per seed (default: 5000)")
+    parser.add_argument("--data-dir", "--data_dir", type=Path, default=Path("data"),
+                        help="folder with the four MNIST IDX files, downloaded there if absent (default: data)")
+    parser.add_argument("--skip-checksum", action="store_true", help="accept non-MNIST IDX files (synthetic test data)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="training device; auto = cuda if available (default: auto)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: results (--quick: results/quick)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="default: checkpoints")
+    parser.add_argument("--reuse", action="store_true",
+                        help="skip training where a checkpoint with the same config and data exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-report", action="store_true", help=f"do not refresh the tables in {', '.join(DOCUMENTS)}")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = {k: v for k, v in {"seeds": args.seeds, "epochs": args.epochs, "train_subset": args.train_subset,
+                               "results_dir": args.results_dir}.items() if v is not None}
+    common = {"modes": args.modes, "val_size": args.val_size, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
+              "verify_checksum": not args.skip_checksum, "device": pick_device(args.device), "reuse": args.reuse,
+              "progress": not args.no_progress}
+    plan = Plan.quick(**given, **common) if args.quick else Plan(**given, **common)
+    if args.quick:
+        plan.seeds = plan.seeds[:1]
+    start = time.perf_counter()
+    try:
+        run_study(plan)
+    except PackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    from quant.plotting import plot_all  # matplotlib only once there is something to draw
+    from quant.report import NoResults, refresh
+
+    plot_all(plan.results_dir, tag=plan.tag)
+    if plan.tag == "study" and not args.no_report:
+        try:
+            changed = refresh(DOCUMENTS, plan.results_dir, plan.tag)
+            print(f"refreshed tables in {', '.join(map(str, changed))}" if changed else "report tables unchanged")
+        except NoResults as e:
+            print(f"report tables left unchanged: {e}")
+    minutes = (time.perf_counter() - start) / 60
+    print(f"done in {minutes:.1f} min; results in {plan.results_dir}/"
+          + (f" (over the {BUDGET_S // 60}-minute budget)" if not args.quick and minutes * 60 > BUDGET_S else ""))
+
+
+if __name__ == "__main__":
+    run_main(main)
