@@ -13,86 +13,20 @@ Example:
     python deployment_compression.py --verify --data-dir ../shared/mnist
 """
 import argparse
-import csv
-import io
 import sys
 from pathlib import Path
 
-import torch
-
-from quant.checkpoint import load_checkpoint
-from quant.cli import add_data_args, format_table, run_main, seed_everything
+from quant.cli import ArgumentParser, add_data_args, format_table, run_main, seed_everything
 from quant.data import load_mnist
-from quant.deploy_format import load_inference, pack, size_report
-from quant.export import rebuild_model
-from quant.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-
-ENCODINGS = ("2bit", "base3")
+from quant.deployment import ENCODINGS, pack_checkpoint, write_results
 COLUMNS = [("layer", "layer", ""), ("weights", "weights", "d"), ("fp32_bytes", "FP32 B", "d"),
            ("bytes_2bit", "2-bit B", "d"), ("bytes_base3", "base-3 B", "d"), ("entropy_bytes", "entropy B", ".0f"),
            ("zero_fraction", "zero", ".3f"), ("compression_2bit", "x 2-bit", ".1f"),
            ("compression_base3", "x base-3", ".1f")]
 
 
-def predict(net, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
-
-def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (preds == labels).sum().item() / len(labels)
-
-
-def state_dict_bytes(export: dict) -> int:
-    """Size of torch.save(state_dict) of the same model in FP32: what shipping it unpacked would cost."""
-    buffer = io.BytesIO()
-    torch.save(rebuild_model(export).state_dict(), buffer)
-    return buffer.getbuffer().nbytes
-
-
-def pack_checkpoint(path: Path, args, encodings, mnist) -> dict:
-    """Write the deployment files of one checkpoint and return its summary ("layers" only if it was packed)."""
-    ckpt = load_checkpoint(path)
-    export = ckpt["export"]
-    summary = {"checkpoint": str(path), "mode": ckpt["mode"], "checkpoint_bytes": path.stat().st_size,
-               "fp32_state_dict_bytes": state_dict_bytes(export)}
-    if not export["ternary"]:
-        print(f"{path}: not packed ({ckpt['mode']} checkpoint has no ternary layer; "
-              f"{summary['checkpoint_bytes']:,} B on disk)")
-        return summary
-    summary.update(fold_bn=not args.no_fold_bn, float_dtype="fp16" if args.fp16 else "fp32")
-    if mnist is not None:
-        reference = predict(rebuild_model(export), mnist.test_x)
-        summary["test_acc_checkpoint"] = accuracy(reference, mnist.test_y)
-    for encoding in encodings:
-        out = path.with_name(f"{path.stem}.{encoding}.tern")
-        atomic_write_bytes(out, pack(export, encoding, fold_bn=summary["fold_bn"], float_dtype=summary["float_dtype"],
-                                     metadata={"checkpoint": path.name, "mode": ckpt["mode"], "seed": ckpt.get("seed")}))
-        summary[f"file_{encoding}"] = str(out)
-        summary[f"file_bytes_{encoding}"] = out.stat().st_size
-        if mnist is not None:
-            preds = predict(load_inference(out), mnist.test_x)
-            summary[f"test_acc_{encoding}"] = accuracy(preds, mnist.test_y)
-            summary[f"mismatches_{encoding}"] = int((preds != reference).sum())
-    summary["layers"] = size_report(export)
-    return summary
-
-
-def write_results(results_dir: Path, summaries: list[dict], not_packed: list[dict]) -> None:
-    """deployment.json (nested) and deployment.csv (one row per layer and total, checkpoint columns repeated)."""
-    atomic_write_json(results_dir / "deployment.json", {"command": " ".join(sys.argv), "checkpoints": summaries,
-                                                        "not_packed": not_packed})
-    rows = [{**{k: v for k, v in s.items() if k != "layers"}, **layer} for s in summaries for layer in s["layers"]]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(results_dir / "deployment.csv", buffer.getvalue())
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", type=Path, default=None,
                         help="checkpoint to pack; repeatable (default: every checkpoints/*.pth)")
     parser.add_argument("--encoding", choices=(*ENCODINGS, "both"), default="both",
@@ -111,8 +45,11 @@ def main():
         raise ValueError("no checkpoints/*.pth found; train one with train.py or pass --checkpoint PATH")
     encodings = ENCODINGS if args.encoding == "both" else (args.encoding,)
     mnist = load_mnist(args.data_dir, test_only=True, verify_checksum=not args.skip_checksum) if args.verify else None
-    summaries = [pack_checkpoint(p, args, encodings, mnist) for p in paths]
+    summaries = [pack_checkpoint(p, encodings, mnist, fold_bn=not args.no_fold_bn,
+                                 float_dtype="fp16" if args.fp16 else "fp32") for p in paths]
     summaries, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
+    for s in not_packed:
+        print(s["note"])
     if not summaries:
         raise ValueError("none of the checkpoints has a ternary layer; nothing to pack")
     for s in summaries:
@@ -123,7 +60,7 @@ def main():
         if args.verify:
             print("test accuracy: checkpoint {:.2f}%, ".format(s["test_acc_checkpoint"]) + ", ".join(
                 f"{e} file {s[f'test_acc_{e}']:.2f}% ({s[f'mismatches_{e}']} prediction(s) differ)" for e in encodings))
-    write_results(args.results_dir, summaries, not_packed)
+    write_results(args.results_dir, summaries, not_packed, " ".join(sys.argv))
     print(f"\nwrote {args.results_dir / 'deployment.csv'} and {args.results_dir / 'deployment.json'}")
     differ = [f"{s['checkpoint']} {e}" for s in summaries for e in encodings if s.get(f"mismatches_{e}", 0)]
     if differ:

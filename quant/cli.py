@@ -97,6 +97,8 @@ def add_train_args(parser):
                         help="mini-batch size (default: 128)")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="LR schedule (default: onecycle)")
     parser.add_argument("--weight-decay", "--weight_decay", type=float, default=None, help="Adam L2 (default: 0)")
+    parser.add_argument("--shift", type=non_negative_int, default=None,
+                        help="augmentation: translate training images by up to N pixels (default: 0)")
     parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,
                         help="training images held out for validation (random, seeded; default: 5000)")
     parser.add_argument("--train-subset", type=positive_int, default=None,
@@ -127,16 +129,17 @@ def add_train_args(parser):
 
 def resolve_config(parser, args, base: dict | None = None) -> dict:
     """Merge mode defaults < `base` (e.g. a tuned config) < explicit flags; reject flags of another mode."""
+    from .runs import default_config
+
     mode = args.mode
-    config = {"mode": mode, "lr": DEFAULTS[mode]["lr"], "batch_size": 128, "schedule": "onecycle",
-              "weight_decay": 0.0, "epochs": args.epochs, "seed": args.seed, "val_size": args.val_size,
-              "train_subset": args.train_subset, "hyperparams": dict(HYPERPARAMS[mode])}
+    config = default_config(mode, epochs=args.epochs, seed=args.seed, val_size=args.val_size,
+                            train_subset=args.train_subset)
     for key, value in (base or {}).items():
         if key == "hyperparams":
             config["hyperparams"].update(value)
-        elif key in config:
+        elif key in config and key not in ("mode", "seed", "epochs"):
             config[key] = value
-    for key in ("lr", "batch_size", "schedule", "weight_decay"):
+    for key in ("lr", "batch_size", "schedule", "weight_decay", "shift"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     for mode_name, names in HYPERPARAMS.items():

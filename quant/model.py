@@ -6,7 +6,6 @@ Its four weight layers (conv1, conv2, fc1, fc2; 581,408 weights) are the quantiz
 `QuantConv2d` / `QuantLinear`: an ordinary layer whose forward passes its weight through an optional
 `quantizer` module first, so a method changes what the layer computes without changing the model.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 

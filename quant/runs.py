@@ -15,12 +15,30 @@ from .checkpoint import environment, load_checkpoint, save_checkpoint, write_his
 from .data import MNIST
 from .engine import DivergenceError, evaluate, train
 from .export import check_ternary, layer_table, rebuild_model, size_summary
-from .methods import get_method
+from .methods import DEFAULTS, HYPERPARAMS, get_method
 from .model import LeNet5
 from .results import append_result
 
 # Cross-entropy ten times that of uniform guessing (ln 10): a loss this high means training blew up.
 DIVERGED_LOSS = 10 * math.log(10)
+
+
+def default_config(mode: str, **overrides) -> dict:
+    """The full training config of `mode` with its defaults (README "Defaults"), then `overrides`.
+
+    `hyperparams` in overrides updates the method's hyperparameters rather than replacing them.
+    """
+    config = {"mode": mode, "lr": DEFAULTS[mode]["lr"], "batch_size": 128, "schedule": "onecycle",
+              "weight_decay": 0.0, "shift": 0, "epochs": 3, "seed": 0, "val_size": 5000, "train_subset": None,
+              "keep_fp": [], "hyperparams": dict(HYPERPARAMS[mode])}
+    for key, value in overrides.items():
+        if key == "hyperparams":
+            config["hyperparams"].update(value)
+        elif key in config:
+            config[key] = value
+        else:
+            raise ValueError(f"unknown config key {key!r} (valid: {', '.join(config)})")
+    return config
 
 
 def train_checkpoint(config: dict, data: MNIST, out, device="cpu", progress: bool = True, log=print) -> dict:
@@ -33,7 +51,8 @@ def train_checkpoint(config: dict, data: MNIST, out, device="cpu", progress: boo
     model.to(device)
     start = time.perf_counter()
     history = train(model, method, data, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
-                    schedule=config["schedule"], weight_decay=config["weight_decay"], seed=config["seed"],
+                    schedule=config["schedule"], weight_decay=config["weight_decay"], shift=config.get("shift", 0),
+                    seed=config["seed"],
                     device=device, progress=progress, log=log)
     train_seconds = time.perf_counter() - start
     # Huge but finite losses (e.g. --lr 1e6) slip past the engine's NaN check; never save such a model.

@@ -5,14 +5,13 @@
                            runs.evaluate_checkpoint -> one results.csv row tagged "study"
                            -> results/history/{mode}_seed{s}.csv   (per-epoch history, ADMM residual and rho)
                            -> results/weights/{mode}_seed{s}.json  (latent-weight histograms, delta, code mix)
-    deployment_compression.py --verify over the tag's checkpoints -> results/deployment.csv / .json
+    quant.deployment pack + verify over the tag's checkpoints -> results/deployment.csv / .json
     quant.plotting.plot_all(results/) and quant.report.refresh(report.md, README.md)
 
 Everything plots and the report need lands in the results folder, so they never open a checkpoint.
 `quick=True` (one seed, 5,000 training images, one epoch, tag "quick") writes to results/quick/ and
 checkpoints/quick_*.pth, so a pipeline check never mixes with the study's numbers.
 """
-import json
 import os
 import platform
 import re
@@ -28,6 +27,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
 from .data import MNIST, load_mnist, split_indices
+from .deployment import ENCODINGS, pack_checkpoint, write_results
 from .files import atomic_write_json
 from .methods import METHODS
 from .results import read_results
@@ -160,25 +160,21 @@ def study_checkpoints(results_path: Path, tag: str) -> list[Path]:
 
 
 def pack_and_verify(checkpoints: list[Path], plan: Plan, log=print) -> dict:
-    """Run deployment_compression.py --verify on `checkpoints`, writing deployment.csv/.json into the results dir.
-
-    A subprocess keeps that script the only writer of the deployment files' format. Returns deployment.json.
-    """
-    cmd = [sys.executable, str(REPO / "deployment_compression.py"), "--verify", "--data-dir", str(plan.data_dir),
-           "--results-dir", str(plan.results_dir), "--device", "cpu"]
-    cmd += [] if plan.verify_checksum else ["--skip-checksum"]
-    for path in checkpoints:
-        cmd += ["--checkpoint", str(path)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
-        raise PackError(f"deployment_compression.py --verify failed (exit {done.returncode}): {' | '.join(tail)}")
-    report = json.loads((plan.results_dir / "deployment.json").read_text())
-    for s in report.get("checkpoints", []):
-        files = ", ".join(f"{enc} {s[f'file_bytes_{enc}']:,} B ({s.get(f'mismatches_{enc}', '?')} differing predictions)"
-                          for enc in ("2bit", "base3") if f"file_bytes_{enc}" in s)
+    """Pack `checkpoints` (2-bit and base-3, BN folded), verify each file's test predictions against its
+    checkpoint, and write deployment.csv/.json into the results dir (as deployment_compression.py --verify)."""
+    mnist = load_mnist(plan.data_dir, test_only=True, verify_checksum=plan.verify_checksum)
+    summaries = [pack_checkpoint(path, ENCODINGS, mnist) for path in checkpoints]
+    packed, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
+    command = "deployment_compression.py --verify " + " ".join(f"--checkpoint {p}" for p in checkpoints)
+    write_results(plan.results_dir, packed, not_packed, command)
+    for s in packed:
+        files = ", ".join(f"{enc} {s[f'file_bytes_{enc}']:,} B ({s[f'mismatches_{enc}']} differing predictions)"
+                          for enc in ENCODINGS)
         log(f"packed {s['checkpoint']}: {files}")
-    return report
+    differ = [f"{s['checkpoint']} {enc}" for s in packed for enc in ENCODINGS if s[f"mismatches_{enc}"]]
+    if differ:
+        raise PackError(f"packed predictions differ from the checkpoint's for {', '.join(differ)}")
+    return {"checkpoints": packed, "not_packed": not_packed}
 
 
 def run_study(plan: Plan, log=print) -> dict:
