@@ -2,8 +2,13 @@
 
     minimise f(W)  s.t.  W_l in C_l = alpha_l * {-1, 0, +1}^{n_l}  for every quantized layer l
     scaled augmented Lagrangian:  f(W) + (rho/2) * sum_l ||W_l - G_l + U_l||^2           (Eq. 8)
-    every `interval` steps:       G <- Pi_C(W + U);   U <- U + W - G;   rho <- rho * growth  (Eqs. 9-11)
+    every `interval` steps:       G <- Pi_C(W + U);   U <- U + W - G;                      (Eqs. 9-11)
+                                  rho <- rho * growth;  U <- U / growth
     after training:               W <- Pi_C(W), the hard projection that is deployed.
+
+U is the *scaled* dual, U = lambda / rho, so when rho grows the unscaled multiplier lambda must stay put and
+U shrinks by the same factor (Boyd et al. 2011, "Distributed Optimization ... ADMM", Sec. 3.4.1). Without
+the rescale each rho increase silently multiplies the dual's pull, and W chases a drifting target.
 
 W trains by ordinary SGD/Adam on the penalised loss (no straight-through estimator). Pi_C is the exact
 Euclidean projection (`project_ternary`) rather than the paper's alternating approximation: sort |v|
@@ -23,16 +28,36 @@ def project_ternary(v: torch.Tensor):
     a = v.detach().abs().flatten()
     sorted_a, order = torch.sort(a, descending=True)
     top_sums = torch.cumsum(sorted_a.double(), 0)
-    k = torch.arange(1, a.numel() + 1, dtype=torch.float64)
+    k = torch.arange(1, a.numel() + 1, dtype=torch.float64, device=a.device)
     best = int(torch.argmax(top_sums * top_sums / k))
     alpha = (top_sums[best] / (best + 1)).float()
     if alpha <= 0:  # all-zero input: any alpha works, the projection is zero
-        return torch.zeros_like(v, dtype=torch.int8), torch.zeros(()), torch.zeros(())
+        return torch.zeros_like(v, dtype=torch.int8), torch.zeros((), device=v.device), torch.zeros((), device=v.device)
     keep = torch.zeros_like(a, dtype=torch.bool)
     keep[order[: best + 1]] = True
     codes = (torch.sign(v.detach().flatten()) * keep).to(torch.int8).reshape(v.shape)
-    delta = sorted_a[best + 1] if best + 1 < a.numel() else torch.zeros(())
+    delta = sorted_a[best + 1] if best + 1 < a.numel() else torch.zeros((), device=v.device)
     return codes, alpha, delta
+
+
+class PenaltyFunction(torch.autograd.Function):
+    """Forward: (rho/2) * sum_l ||d_l||^2 with d_l = W_l - G_l + U_l (Eq. 8). Backward: dL/dW_l = grad * rho * d_l.
+
+    Autograd through `** 2` and `.sum()` yields the same numbers (it forms (rho/2) * 2 d, which rounds as rho * d)
+    with twice the passes over the 581k weights each step; this keeps d from the forward and scales it once.
+    """
+
+    @staticmethod
+    def forward(ctx, rho: float, G: list, U: list, *weights):
+        ds = [w.detach() - g + u for w, g, u in zip(weights, G, U)]
+        ctx.rho = rho
+        ctx.save_for_backward(*ds)
+        return 0.5 * rho * sum((d * d).sum() for d in ds)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        scale = grad_out * ctx.rho
+        return (None, None, None, *(d * scale for d in ctx.saved_tensors))
 
 
 class ADMMState:
@@ -53,14 +78,17 @@ class ADMMState:
 
     def penalty(self) -> torch.Tensor:
         """(rho/2) * sum_l ||W_l - G_l + U_l||^2, differentiable in W."""
-        return 0.5 * self.rho * sum(((layer.weight - self.G[n] + self.U[n]) ** 2).sum() for n, layer in self.layers.items())
+        names = list(self.layers)
+        return PenaltyFunction.apply(self.rho, [self.G[n] for n in names], [self.U[n] for n in names],
+                                     *(self.layers[n].weight for n in names))
 
     @torch.no_grad()
     def update(self) -> None:
-        """One ADMM round: G <- Pi(W + U), U <- U + W - G, rho <- rho * growth."""
+        """One ADMM round: G <- Pi(W + U), U <- U + W - G, then rho <- rho * growth with U <- U / growth."""
         for name, layer in self.layers.items():
             self._project(name, layer.weight + self.U[name])
             self.U[name] += layer.weight - self.G[name]
+            self.U[name] /= self.rho_growth
         self.rho *= self.rho_growth
 
     @torch.no_grad()
