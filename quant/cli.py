@@ -98,7 +98,7 @@ def add_train_args(parser):
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="LR schedule (default: onecycle)")
     parser.add_argument("--weight-decay", "--weight_decay", type=float, default=None, help="Adam L2 (default: 0)")
     parser.add_argument("--shift", type=non_negative_int, default=None,
-                        help="augmentation: translate training images by up to N pixels (default: 0)")
+                        help="augmentation: translate each training image by up to N pixels, 0 = off (default: 2)")
     parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,
                         help="training images held out for validation (random, seeded; default: 5000)")
     parser.add_argument("--train-subset", type=positive_int, default=None,
@@ -117,14 +117,14 @@ def add_train_args(parser):
     group.add_argument("--t", "--threshold", dest="t", type=open_unit_interval, default=None,
                        help="TTQ: delta = t * max|W| (default 0.05)")
     group.add_argument("--scale-lr", "--scale_lr", type=positive_float, default=None,
-                       help="TTQ: lr multiplier for w_p, w_n (default 0.1)")
-    group.add_argument("--rho", type=positive_float, default=None, help="ADMM: initial penalty rho")
+                       help="TTQ: lr multiplier for w_p, w_n (default 1.0, as the official code)")
+    group.add_argument("--rho", type=positive_float, default=None, help="ADMM: initial penalty rho (default 1e-4)")
     group.add_argument("--rho-growth", "--rho_growth", type=positive_float, default=None,
-                       help="ADMM: rho multiplier per ADMM round")
+                       help="ADMM: rho multiplier per ADMM round (default 1.2)")
     group.add_argument("--admm-interval", "--admm_interval", type=positive_int, default=None,
-                       help="ADMM: optimizer steps between G/U updates")
+                       help="ADMM: optimizer steps between G/U updates (default 25)")
     group.add_argument("--finetune-frac", "--finetune_frac", type=unit_fraction, default=None,
-                       help="ADMM: final fraction of steps trained with codes frozen (alpha, BN, biases); 0 = off")
+                       help="ADMM: final fraction of steps trained with codes frozen (alpha, BN, biases); 0 = off (default 0.1)")
 
 
 def resolve_config(parser, args, base: dict | None = None) -> dict:

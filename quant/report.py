@@ -250,8 +250,9 @@ def config_table(results_dir, tag: str = "study") -> str:
         cell = lambda key: ", ".join(dict.fromkeys(str(r.get(key) or "") for r in runs)) or NA
         hp = ", ".join(dict.fromkeys(", ".join(f"{k}={v}" for k, v in json.loads(r.get("hyperparams") or "{}").items())
                                      for r in runs)) or "—"
-        rows.append([label(mode), cell("lr"), cell("batch_size"), cell("schedule"), cell("epochs"), hp])
-    return markdown(["Method", "Peak lr", "Batch", "Schedule", "Epochs", "Method hyperparameters"], rows, "lrrlrl")
+        rows.append([label(mode), cell("lr"), cell("batch_size"), cell("schedule"), cell("shift"), cell("epochs"), hp])
+    return markdown(["Method", "Peak lr", "Batch", "Schedule", "Shift (px)", "Epochs", "Method hyperparameters"],
+                    rows, "lrrlrrl")
 
 
 def setup_table(results_dir) -> str:

@@ -29,7 +29,7 @@ def default_config(mode: str, **overrides) -> dict:
     `hyperparams` in overrides updates the method's hyperparameters rather than replacing them.
     """
     config = {"mode": mode, "lr": DEFAULTS[mode]["lr"], "batch_size": 128, "schedule": "onecycle",
-              "weight_decay": 0.0, "shift": 0, "epochs": 3, "seed": 0, "val_size": 5000, "train_subset": None,
+              "weight_decay": 0.0, "shift": 2, "epochs": 3, "seed": 0, "val_size": 5000, "train_subset": None,
               "keep_fp": [], "hyperparams": dict(HYPERPARAMS[mode])}
     for key, value in overrides.items():
         if key == "hyperparams":
@@ -95,7 +95,8 @@ def evaluate_checkpoint(path, mode: str | None, data: MNIST, results_path=None, 
     row = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mode": ckpt["mode"],
         "checkpoint": str(path), "tag": tag, "seed": ckpt["seed"], "epochs": config["epochs"], "lr": config["lr"],
-        "batch_size": config["batch_size"], "schedule": config["schedule"], "keep_fp": ",".join(config["keep_fp"]),
+        "batch_size": config["batch_size"], "schedule": config["schedule"], "shift": config.get("shift", 0),
+        "keep_fp": ",".join(config["keep_fp"]),
         "hyperparams": json.dumps(config["hyperparams"], sort_keys=True), "test_acc": round(test["acc"], 4),
         "test_loss": round(test["loss"], 6), "val_acc": round(ckpt["metrics"]["val_acc"], 4),
         **size_summary(ckpt["export"]), "eval_seconds": round(seconds, 3),

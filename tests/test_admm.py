@@ -240,7 +240,8 @@ def test_finish_projects_weights_exactly_and_export_is_ternary():
         opt.step()
         method.after_step(model, step, 2)
         assert not method.finetuning  # finetune_frac 0: no frozen phase during training
-    assert method.state.rho == pytest.approx(1e-3 * 1.5 ** 2)  # an ADMM round after each of the 2 steps
+    hp = methods.HYPERPARAMS["admm"]
+    assert method.state.rho == pytest.approx(hp["rho"] * hp["rho_growth"] ** 2)  # an ADMM round after each of the 2 steps
     latent = {n: getattr(model, n).weight.detach().clone() for n in QUANT_LAYERS}
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]
     method.finish(model, batches)
