@@ -45,7 +45,7 @@ def train_checkpoint(config: dict, data: MNIST, out, device="cpu", progress: boo
     """Train `config["mode"]` from a seeded init, save the checkpoint atomically at `out`, return it."""
     out = Path(out)
     torch.manual_seed(config["seed"])
-    model = LeNet5()
+    model = LeNet5().to(device)  # before attach: ADMM's G and U are created on the weights' device
     method = get_method(config["mode"], keep_fp=config["keep_fp"], **config["hyperparams"])
     method.attach(model)
     model.to(device)

@@ -224,7 +224,7 @@ def expand(mode: str, grid: dict, budget: dict) -> list[dict]:
 def run_trial(config: dict, data, device="cpu") -> dict:
     """Train one config on `data`'s training split; score the deployed model on its validation split."""
     torch.manual_seed(config["seed"])
-    model = LeNet5()
+    model = LeNet5().to(device)  # before attach: ADMM's G and U are created on the weights' device
     method = get_method(config["mode"], keep_fp=config["keep_fp"], **config["hyperparams"])
     method.attach(model)
     # train() sees only the training split: empty val/test tensors skip its per-epoch validation of the
