@@ -47,7 +47,7 @@ def main():
         parser.error(f"--batch-size {config['batch_size']} is larger than the {len(data.train_y)} training images")
     print(f"training {args.mode} on {len(data.train_y)} images ({len(data.val_y)} held out for validation), "
           f"{config['epochs']} epochs, lr {config['lr']:g}, batch {config['batch_size']}, {config['schedule']}, "
-          f"device {device}, seed {args.seed}" + (f", tuned config from {base['source']}" if base else ""))
+          f"device {device}, seed {args.seed}" + (f", tuned config from {base.get('source', 'results/tuning/tuning_summary.json')}" if base else ""))
     ckpt = train_checkpoint(config, data, out, device=device, progress=not args.no_progress)
     STATE["saved"] = True
     print(f"saved {out} and {history_path(out)} (deployed-model val acc {ckpt['metrics']['val_acc']:.2f}%, "

@@ -16,6 +16,7 @@ descending; for support size k the best alpha is the mean of the k largest |v|, 
 ||v||^2 - (sum of top k)^2 / k; take the k with the least error. O(n log n), and never worse than the
 alternating scheme or TWN's 0.7*mean|W| rule, which pick among the same candidates.
 """
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,15 +27,21 @@ def project_ternary(v: torch.Tensor):
     delta is the largest |v| left at zero (reported as the effective threshold).
     """
     a = v.detach().abs().flatten()
-    sorted_a, order = torch.sort(a, descending=True)
+    if a.is_cuda:
+        sorted_a = torch.sort(a, descending=True).values
+    else:  # NumPy's SIMD sort: ~20x faster than torch.sort on CPU (~2 vs ~35 ms for fc1's 524k weights)
+        sorted_a = torch.from_numpy(np.sort(a.numpy())[::-1].copy())
     top_sums = torch.cumsum(sorted_a.double(), 0)
     k = torch.arange(1, a.numel() + 1, dtype=torch.float64, device=a.device)
     best = int(torch.argmax(top_sums * top_sums / k))
     alpha = (top_sums[best] / (best + 1)).float()
     if alpha <= 0:  # all-zero input: any alpha works, the projection is zero
         return torch.zeros_like(v, dtype=torch.int8), torch.zeros((), device=v.device), torch.zeros((), device=v.device)
-    keep = torch.zeros_like(a, dtype=torch.bool)
-    keep[order[: best + 1]] = True
+    # keep the best + 1 largest |v|: all above the (best+1)-th value, then equal ones in index order
+    threshold = sorted_a[best]
+    keep = a > threshold
+    tied = torch.nonzero(a == threshold).flatten()[: best + 1 - int(keep.sum())]
+    keep[tied] = True
     codes = (torch.sign(v.detach().flatten()) * keep).to(torch.int8).reshape(v.shape)
     delta = sorted_a[best + 1] if best + 1 < a.numel() else torch.zeros((), device=v.device)
     return codes, alpha, delta

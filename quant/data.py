@@ -154,7 +154,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.
     A trailing batch of one sample is dropped: BatchNorm cannot train on it.
     """
     n = len(y)
-    order = torch.randperm(n, generator=generator) if generator is not None else None
+    # The permutation moves to x's device once: indexing CUDA data with a CPU index would copy (and wait) per batch.
+    order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         if stop - start < 2 and generator is not None:

@@ -27,17 +27,25 @@ def ttq_codes(w: torch.Tensor, t: float):
 class TTQFunction(torch.autograd.Function):
     """Forward: Eq. 6. Backward: Eq. 8 for W (scaled STE) and sign-corrected Eq. 7 for w_p, w_n."""
 
+    # The same codes as `ttq_codes`, computed for speed: delta from one aminmax pass (max|W| = max(max W, -min W)),
+    # and the masks of I_p / I_n written as 1.0 / 0.0 floats (`torch.gt(..., out=float)`); on CPU bool masks,
+    # torch.where and bool * float products cost 3-8x as much, on all 581k weights every step.
+
     @staticmethod
     def forward(ctx, w, w_p, w_n, t: float):
-        codes, _ = ttq_codes(w, t)
-        pos, neg = codes > 0, codes < 0
+        w = w.detach()
+        lo, hi = torch.aminmax(w)
+        delta = t * torch.maximum(hi, -lo)
+        pos = torch.gt(w, delta, out=torch.empty_like(w))
+        neg = torch.lt(w, -delta, out=torch.empty_like(w))
         ctx.save_for_backward(pos, neg, w_p, w_n)
         return pos * w_p - neg * w_n
 
     @staticmethod
     def backward(ctx, grad_out):
         pos, neg, w_p, w_n = ctx.saved_tensors
-        scale = torch.where(pos, w_p, torch.where(neg, w_n, torch.ones_like(w_p)))
+        # w_p on I_p, w_n on I_n, 1 on I_z; exact, as at most one of the three terms is non-zero
+        scale = pos * w_p + neg * w_n + (1 - pos - neg)
         grad_w = grad_out * scale
         grad_w_p = (grad_out * pos).sum().reshape(w_p.shape)
         grad_w_n = -(grad_out * neg).sum().reshape(w_n.shape)

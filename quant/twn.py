@@ -33,13 +33,26 @@ def twn_ternarize(w: torch.Tensor, delta_factor: float = 0.7, per_channel: bool 
     return codes, alpha.reshape(-1), delta.reshape(-1)
 
 
+def twn_weight(w: torch.Tensor, delta_factor: float = 0.7, per_channel: bool = False) -> torch.Tensor:
+    """alpha * T(W) as a float tensor: the values of `twn_ternarize`'s codes * alpha, computed for training speed.
+
+    The mask is written as 1.0 / 0.0 floats (`torch.gt(..., out=float)`): on CPU a bool mask, its conversion
+    and bool * float products cost ~4x as much, and this runs on all 581k weights every step.
+    """
+    dims = _reduce_dims(w, per_channel)
+    a = w.detach().abs()
+    delta = delta_factor * a.mean(dim=dims, keepdim=True)
+    mask = torch.gt(a, delta, out=torch.empty_like(a))
+    alpha = (a * mask).sum(dim=dims, keepdim=True) / mask.sum(dim=dims, keepdim=True).clamp(min=1)
+    return torch.copysign(mask.mul_(alpha), w.detach())  # +-alpha where |W| > delta, 0 elsewhere
+
+
 class TernarizeSTE(torch.autograd.Function):
     """Forward: alpha * T(W) (TWN Eqs. 3-6). Backward: dL/dW = dL/d(alpha T), the identity straight-through estimator."""
 
     @staticmethod
     def forward(ctx, w, delta_factor: float, per_channel: bool):
-        codes, alpha, _ = twn_ternarize(w, delta_factor, per_channel)
-        return codes.to(w.dtype) * alpha.reshape(-1, *([1] * (w.ndim - 1)))
+        return twn_weight(w, delta_factor, per_channel)
 
     @staticmethod
     def backward(ctx, grad_out):
