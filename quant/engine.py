@@ -66,7 +66,11 @@ def make_scheduler(optimizer, schedule: str, total_steps: int):
     """
     if schedule == "onecycle":
         peaks = [group["lr"] for group in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=0.2)
+        if total_steps < 4:  # too short for a warm-up and an anneal phase: hold the peak
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        # OneCycleLR divides by the warm-up length in steps minus one, so keep at least two warm-up steps.
+        pct_start = max(0.2, 2 / total_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct_start)
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if schedule == "constant":

@@ -97,3 +97,19 @@ def test_nan_loss_raises_divergence_error(synthetic):
     with pytest.raises(DivergenceError, match="step 3") as e:
         train(model, Poisoned(), synthetic, epochs=1, lr=3e-3, batch_size=64, progress=False, log=lambda _: None)
     assert "lr" in str(e.value)
+
+
+@pytest.mark.parametrize("total_steps", range(1, 13))
+def test_onecycle_survives_very_short_runs(total_steps):
+    # OneCycleLR divides by (warm-up steps - 1): 5 total steps at pct_start 0.2 used to raise ZeroDivisionError.
+    from quant.engine import make_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=1e-3)
+    scheduler = make_scheduler(optimizer, "onecycle", total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert all(0 < lr <= 1e-3 + 1e-12 for lr in lrs)

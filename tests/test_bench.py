@@ -1,0 +1,77 @@
+"""benchmarks/bench.py and quant/benchmarking.py: a --quick run on synthetic data writes every section, and the
+ratios are formed the right way round against their bars."""
+import json
+import math
+
+import pytest
+
+from conftest import call_script
+from quant import benchmarking
+from quant.methods import METHODS
+
+SECTIONS = {"quick", "machine", "floor", "real_epoch", "naive", "evaluate", "deployment", "quantizers", "ratios"}
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
+    out = tmp_path / "sub" / "benchmarks.json"
+    result = call_script("benchmarks/bench.py", "--quick", "--data-dir", synthetic_mnist, "--skip-checksum",
+                         "--val-size", "64", "--out", out)
+    assert result.returncode == 0, result.stderr
+    bench = json.loads(out.read_text())
+    assert set(bench) == SECTIONS and bench["quick"] is True
+    machine = bench["machine"]
+    assert machine["cpu"] and positive(machine["logical_cpus"]) and positive(machine["torch_threads"])
+    assert machine["torch"] and len(machine["load_average_before"]) == 3 and len(machine["load_average_after"]) == 3
+
+    assert set(bench["floor"]) == {"64", "128"}
+    for size, floor in bench["floor"].items():
+        assert floor["batch_size"] == int(size) and positive(floor["images_per_s"]) and positive(floor["ms_per_step"])
+    assert set(bench["real_epoch"]) == set(METHODS)
+    for mode, epoch in bench["real_epoch"].items():
+        assert epoch["images"] == 512 - 64 and epoch["steps"] == 4, mode  # 3 x 128 + 64
+        assert 0 < epoch["loop_seconds"] <= epoch["epoch_seconds"] and positive(epoch["images_per_s"])
+        assert epoch["images_per_s"] >= epoch["images_per_s_with_validation_and_finish"]
+    assert bench["naive"]["images"] == 512 - 64 and positive(bench["naive"]["images_per_s"])
+    assert bench["evaluate"]["images"] == 128 and positive(bench["evaluate"]["images_per_s"])
+
+    deployment = bench["deployment"]
+    assert set(deployment["encodings"]) == {"2bit", "base3"}
+    for timings in deployment["encodings"].values():
+        assert all(positive(timings[k]) for k in ("file_bytes", "pack_ms", "unpack_ms", "load_inference_ms"))
+    assert deployment["encodings"]["base3"]["file_bytes"] < deployment["encodings"]["2bit"]["file_bytes"]
+    assert positive(deployment["inference_packed_2bit"]["images_per_s"])
+    assert positive(deployment["inference_fp_model"]["images_per_s"])
+    quantizers = bench["quantizers"]
+    for key in ("twn_ms_per_step", "ttq_ms_per_step", "admm_penalty_ms_per_step", "admm_update_ms"):
+        assert positive(quantizers[key]), key
+    assert quantizers["admm_update_ms_per_step"] == pytest.approx(quantizers["admm_update_ms"] / quantizers["admm_interval"])
+
+    assert set(bench["ratios"]) == set(benchmarking.BARS)
+    assert set(bench["ratios"]["ternary_step_over_fp_step"]["value"]) == set(METHODS) - {"fp"}
+    for name, ratio in bench["ratios"].items():
+        assert isinstance(ratio["pass"], bool) and ratio["bar"] == benchmarking.BARS[name][1]
+        assert name in result.stdout  # the printed table names every ratio
+
+
+def fake_results(floor_img_s=1000.0, fp_img_s=950.0, twn_ms=11.0, naive_img_s=500.0, packed=900.0, fp_model=1000.0):
+    epoch = lambda img_s, ms: {"images_per_s": img_s, "ms_per_step": ms}
+    return {"floor": {"128": {"images_per_s": floor_img_s}},
+            "real_epoch": {"fp": epoch(fp_img_s, 10.0), "twn": epoch(900.0, twn_ms)},
+            "naive": {"images_per_s": naive_img_s},
+            "deployment": {"inference_packed_2bit": {"images_per_s": packed},
+                           "inference_fp_model": {"images_per_s": fp_model}}}
+
+
+def test_ratios_are_time_over_time_against_their_bars():
+    r = benchmarking.ratios(fake_results(), 128)
+    assert r["fp_epoch_over_floor"]["value"] == pytest.approx(1000 / 950) and r["fp_epoch_over_floor"]["pass"]
+    assert r["ternary_step_over_fp_step"]["value"] == {"twn": pytest.approx(1.1)}
+    assert r["naive_over_real"]["value"] == pytest.approx(1.9) and r["naive_over_real"]["pass"]
+    assert r["packed_over_fp_inference"]["value"] == pytest.approx(0.9) and r["packed_over_fp_inference"]["pass"]
+    # each bar fails on the wrong side
+    bad = benchmarking.ratios(fake_results(fp_img_s=800.0, twn_ms=13.0, naive_img_s=700.0, packed=700.0), 128)
+    assert not any(ratio["pass"] for ratio in bad.values())
