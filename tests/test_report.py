@@ -237,6 +237,8 @@ def expected_values(results_dir: Path, tag="study") -> dict:
         c[(name, "Batch")] = ", ".join(dict.fromkeys(g["batch_size"]))
         c[(name, "Schedule")] = ", ".join(dict.fromkeys(g["schedule"]))
         c[(name, "Epochs")] = ", ".join(dict.fromkeys(g["epochs"]))
+        shifts = g["shift"].fillna("").astype(str) if "shift" in g else []
+        c[(name, "Shift (px)")] = ", ".join(dict.fromkeys(v for v in shifts if v)) or "n/a"
         c[(name, "Method hyperparameters")] = ", ".join(dict.fromkeys(
             ", ".join(f"{k}={v}" for k, v in json.loads(h).items()) for h in g["hyperparams"])) or "—"
     if len(dep):
