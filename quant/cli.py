@@ -4,7 +4,6 @@ Library code raises; `run_main` turns the expected errors into one `error: ...` 
 non-zero exit (2 for bad input, 130 for an interruption), never a traceback.
 """
 import argparse
-import json
 import os
 import random
 import signal
@@ -222,6 +221,3 @@ def run_main(main, on_interrupt=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if not isinstance(e, DivergenceError) else 3)
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import shutil
-import struct
 
 import numpy as np
 import pytest
