@@ -10,7 +10,15 @@ U is the *scaled* dual, U = lambda / rho, so when rho grows the unscaled multipl
 U shrinks by the same factor (Boyd et al. 2011, "Distributed Optimization ... ADMM", Sec. 3.4.1). Without
 the rescale each rho increase silently multiplies the dual's pull, and W chases a drifting target.
 
-W trains by ordinary SGD/Adam on the penalised loss (no straight-through estimator). Pi_C is the exact
+W trains on f by Adam (no straight-through estimator). The quadratic term is applied in one of two ways:
+  penalty="prox" (default): after each Adam step on f alone, its exact proximal map with unit step,
+      W <- argmin_V (rho/2)||V - G + U||^2 + (1/2)||V - W||^2 = (W + rho (G - U)) / (1 + rho),
+      i.e. forward-backward splitting of the W-subproblem (Parikh & Boyd 2014, "Proximal Algorithms",
+      Sec. 4.2). Adam divides each coordinate's step by its gradient RMS, so a penalty inside the loss
+      that grows with rho takes over that RMS and shrinks f's steps; decoupling it is the AdamW argument
+      (Loshchilov & Hutter 2019, arXiv 1711.05101) with G - U in place of 0. rho here is the prox weight
+      per optimizer step: W moves rho / (1 + rho) of the way to G - U each step.
+  penalty="loss": the textbook form, (rho/2)||W - G + U||^2 added to the loss and differentiated by Adam. Pi_C is the exact
 Euclidean projection (`project_ternary`) rather than the paper's alternating approximation: sort |v|
 descending; for support size k the best alpha is the mean of the k largest |v|, with squared error
 ||v||^2 - (sum of top k)^2 / k; take the k with the least error. O(n log n), and never worse than the
@@ -67,6 +75,9 @@ class PenaltyFunction(torch.autograd.Function):
         return (None, None, None, *(d * scale for d in ctx.saved_tensors))
 
 
+PENALTIES = ("prox", "loss")
+
+
 class ADMMState:
     """G (ternary, as codes and alpha), U (scaled dual) and rho for each quantized layer."""
 
@@ -74,9 +85,11 @@ class ADMMState:
         self.layers = layers  # name -> QuantConv2d/QuantLinear
         self.rho, self.rho_growth = rho, rho_growth
         self.codes, self.alpha, self.delta, self.G, self.U = {}, {}, {}, {}, {}
+        self.target = {}  # G - U, the prox step's target (changes only at an update)
         for name, layer in layers.items():
             self.U[name] = torch.zeros_like(layer.weight)
             self._project(name, layer.weight.detach())
+            self.target[name] = self.G[name] - self.U[name]
 
     def _project(self, name, v):
         codes, alpha, delta = project_ternary(v)
@@ -90,12 +103,20 @@ class ADMMState:
                                      *(self.layers[n].weight for n in names))
 
     @torch.no_grad()
+    def prox_step(self) -> None:
+        """W <- (W + rho (G - U)) / (1 + rho) = lerp(W, G - U, rho / (1 + rho)): the penalty's proximal map."""
+        weight = self.rho / (1.0 + self.rho)
+        for name, layer in self.layers.items():
+            layer.weight.lerp_(self.target[name], weight)
+
+    @torch.no_grad()
     def update(self) -> None:
         """One ADMM round: G <- Pi(W + U), U <- U + W - G, then rho <- rho * growth with U <- U / growth."""
         for name, layer in self.layers.items():
             self._project(name, layer.weight + self.U[name])
             self.U[name] += layer.weight - self.G[name]
             self.U[name] /= self.rho_growth
+            self.target[name] = self.G[name] - self.U[name]
         self.rho *= self.rho_growth
 
     @torch.no_grad()

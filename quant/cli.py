@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from .admm import PENALTIES
 from .methods import DEFAULTS, HYPERPARAMS, METHODS, parse_keep_fp
 from .engine import SCHEDULES
 
@@ -93,7 +94,8 @@ def add_train_args(parser):
                         help="peak learning rate (default: per mode, " +
                              ", ".join(f"{m} {d['lr']:g}" for m, d in DEFAULTS.items()) + ")")
     parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=None,
-                        help="mini-batch size (default: 128)")
+                        help="mini-batch size (default: per mode, " +
+                             ", ".join(f"{m} {d['batch_size']}" for m, d in DEFAULTS.items()) + ")")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="LR schedule (default: onecycle)")
     parser.add_argument("--weight-decay", "--weight_decay", type=float, default=None, help="Adam L2 (default: 0)")
     parser.add_argument("--shift", type=non_negative_int, default=None,
@@ -121,7 +123,10 @@ def add_train_args(parser):
     group.add_argument("--rho-growth", "--rho_growth", type=positive_float, default=None,
                        help="ADMM: rho multiplier per ADMM round (default 1.2)")
     group.add_argument("--admm-interval", "--admm_interval", type=positive_int, default=None,
-                       help="ADMM: optimizer steps between G/U updates (default 25)")
+                       help=f"ADMM: optimizer steps between G/U updates (default {HYPERPARAMS['admm']['admm_interval']})")
+    group.add_argument("--admm-penalty", "--admm_penalty", dest="penalty", choices=PENALTIES, default=None,
+                       help="ADMM: apply rho/2 ||W - G + U||^2 as a proximal step after each Adam step (prox) or "
+                            "inside the loss (loss) (default prox)")
     group.add_argument("--finetune-frac", "--finetune_frac", type=unit_fraction, default=None,
                        help="ADMM: final fraction of steps trained with codes frozen (alpha, BN, biases); 0 = off (default 0.1)")
 
@@ -147,7 +152,8 @@ def resolve_config(parser, args, base: dict | None = None) -> dict:
             if value is None:
                 continue
             if mode_name != mode:
-                parser.error(f"--{name.replace('_', '-')} applies to --mode {mode_name}, not {mode}")
+                flag = next(a.option_strings[0] for a in parser._actions if a.dest == name)
+                parser.error(f"{flag} applies to --mode {mode_name}, not {mode}")
             config["hyperparams"][name] = value
     try:
         config["keep_fp"] = parse_keep_fp(args.keep_fp)

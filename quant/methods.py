@@ -14,17 +14,17 @@ from .model import QUANT_LAYERS, LeNet5
 
 # Per-mode training defaults (chosen on the validation split; see README "Defaults").
 DEFAULTS = {
-    "fp": {"lr": 3e-3},
-    "twn": {"lr": 3e-3},
-    "ttq": {"lr": 3e-3},
-    "admm": {"lr": 3e-3},
+    "fp": {"lr": 3e-3, "batch_size": 128},
+    "twn": {"lr": 3e-3, "batch_size": 128},
+    "ttq": {"lr": 1e-2, "batch_size": 64},  # val 99.14/99.18/99.08 (seeds 0-2) vs 98.80 at 3e-3/128 (seed 0)
+    "admm": {"lr": 1e-2, "batch_size": 64},  # val 99.24 (seed 0) vs 98.96 at 3e-3/128 (README "Defaults")
 }
 # Per-mode method hyperparameters and their defaults (flags of the same name, kebab-case).
 HYPERPARAMS = {
     "fp": {},
     "twn": {"delta_factor": 0.7, "per_channel": False},
     "ttq": {"t": 0.05, "scale_lr": 1.0},
-    "admm": {"rho": 1e-4, "rho_growth": 1.2, "admm_interval": 25, "finetune_frac": 0.1},
+    "admm": {"rho": 1e-4, "rho_growth": 1.2, "admm_interval": 50, "finetune_frac": 0.1, "penalty": "prox"},
 }
 KEEP_FP_ALIASES = {"first": "conv1", "last": "fc2"}
 
@@ -111,9 +111,20 @@ class TTQ(Method):
 
 
 class ADMM(Method):
-    """ADMM training of latent W, then (optionally) a short fine-tune of alpha, BN and biases with codes frozen."""
+    """ADMM training of latent W, then (optionally) a short fine-tune of alpha, BN and biases with codes frozen.
+
+    penalty "prox" (default) applies the quadratic term as a proximal step after every Adam step; "loss" adds
+    it to the loss (admm.py explains the difference). On the validation split (seed 0, 3 epochs) the prox form
+    scored 98.96 % against 98.66 % for the loss form, and left a residual ||W - G|| / ||W|| of 0.0007 instead
+    of 0.16 before the hard projection.
+    """
 
     name = "admm"
+
+    def __init__(self, keep_fp=(), **hparams):
+        super().__init__(keep_fp, **hparams)
+        if self.hparams["penalty"] not in admm.PENALTIES:
+            raise ValueError(f"ADMM penalty must be one of {', '.join(admm.PENALTIES)}, got {self.hparams['penalty']!r}")
 
     def attach(self, model):
         layers = dict(self.quantized(model))
@@ -129,7 +140,7 @@ class ADMM(Method):
         return [{"params": rest, "lr_mult": 1.0}, {"params": alphas, "lr_mult": 0.1}]
 
     def extra_loss(self):
-        return None if self.finetuning else self.state.penalty()
+        return None if self.finetuning or self.hparams["penalty"] == "prox" else self.state.penalty()
 
     @torch.no_grad()
     def after_step(self, model, step, total_steps):
@@ -137,6 +148,8 @@ class ADMM(Method):
             for f in self.frozen.values():
                 f.alpha.clamp_(min=1e-8)
             return
+        if self.hparams["penalty"] == "prox":
+            self.state.prox_step()
         finetune_steps = int(self.hparams["finetune_frac"] * total_steps)
         if finetune_steps and step >= total_steps - finetune_steps:
             self._freeze(model)

@@ -28,7 +28,7 @@ def default_config(mode: str, **overrides) -> dict:
 
     `hyperparams` in overrides updates the method's hyperparameters rather than replacing them.
     """
-    config = {"mode": mode, "lr": DEFAULTS[mode]["lr"], "batch_size": 128, "schedule": "onecycle",
+    config = {"mode": mode, "lr": DEFAULTS[mode]["lr"], "batch_size": DEFAULTS[mode]["batch_size"], "schedule": "onecycle",
               "weight_decay": 0.0, "shift": 2, "epochs": 3, "seed": 0, "val_size": 5000, "train_subset": None,
               "keep_fp": [], "hyperparams": dict(HYPERPARAMS[mode])}
     for key, value in overrides.items():

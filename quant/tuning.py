@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .admm import PENALTIES
 from .data import load_mnist
 from .engine import SCHEDULES, DivergenceError, evaluate, train
 from .export import rebuild_model
@@ -54,7 +55,7 @@ GRIDS = {
     "fp": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128, 256]},
     "twn": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "delta_factor": [0.5, 0.7, 0.9]},
     "ttq": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "t": [0.02, 0.05, 0.1]},
-    "admm": {"lr": [1e-3, 3e-3], "rho": [1e-4, 1e-3, 1e-2], "rho_growth": [1.2, 1.5], "admm_interval": [25, 100]},
+    "admm": {"lr": [1e-3, 3e-3], "rho": [1e-5, 1e-4, 1e-3], "rho_growth": [1.2, 1.5], "admm_interval": [25, 100]},
 }
 
 
@@ -107,10 +108,12 @@ def _int_at_least(low):
     return check
 
 
-def _schedule(value, key):
-    if value not in SCHEDULES:
-        raise ValueError(f"{key}: {value!r} is not a schedule (choose from {', '.join(SCHEDULES)})")
-    return value
+def _choice(choices, what):
+    def check(value, key):
+        if value not in choices:
+            raise ValueError(f"{key}: {value!r} is not {what} (choose from {', '.join(choices)})")
+        return value
+    return check
 
 
 def _boolean(value, key):
@@ -125,10 +128,11 @@ def _boolean(value, key):
 
 # Every tunable key and the check that normalises one value (a string from --set, or a JSON value).
 # batch_size >= 2 because BatchNorm cannot train on a batch of one.
-CHECKS = {"lr": _positive, "batch_size": _int_at_least(2), "schedule": _schedule, "weight_decay": _non_negative,
+CHECKS = {"lr": _positive, "batch_size": _int_at_least(2), "schedule": _choice(SCHEDULES, "a schedule"), "weight_decay": _non_negative,
           "shift": _int_at_least(0),
           "delta_factor": _unit_open, "per_channel": _boolean, "t": _unit_open, "scale_lr": _positive, "rho": _positive,
-          "rho_growth": _positive, "admm_interval": _int_at_least(1), "finetune_frac": _unit_fraction}
+          "rho_growth": _positive, "admm_interval": _int_at_least(1), "finetune_frac": _unit_fraction,
+          "penalty": _choice(PENALTIES, "an ADMM penalty")}
 
 
 def valid_keys(mode: str) -> list[str]:

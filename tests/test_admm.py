@@ -203,6 +203,23 @@ def test_update_penalty_gradient_and_residual():
         assert state.primal_residual() == pytest.approx((num / den) ** 0.5, rel=1e-5)
 
 
+def test_prox_step_is_the_penalty_proximal_map():
+    layers = small_layers(4)
+    state = ADMMState(layers, rho=0.3, rho_growth=2.0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.weight.mul_(1.7)
+    state.update()  # U != 0 from here on, rho = 0.6
+    W = {n: layer.weight.detach().clone().requires_grad_(True) for n, layer in layers.items()}
+    state.prox_step()
+    for n, layer in layers.items():
+        # the minimiser V of rho/2 ||V - G + U||^2 + 1/2 ||V - W||^2 zeroes its gradient
+        V = layer.weight.detach()
+        grad = state.rho * (V - state.G[n] + state.U[n]) + (V - W[n].detach())
+        torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
+        torch.testing.assert_close(V, (W[n].detach() + 0.6 * (state.G[n] - state.U[n])) / 1.6)
+
+
 def test_residual_zero_when_weights_are_ternary():
     layers = small_layers(3)
     with torch.no_grad():
@@ -226,15 +243,20 @@ def test_frozen_ternary():
 
 
 # ---------------------------------------------------------------- the method's final projection
-def test_finish_projects_weights_exactly_and_export_is_ternary():
+@pytest.mark.parametrize("penalty", ["prox", "loss"])
+def test_finish_projects_weights_exactly_and_export_is_ternary(penalty):
     torch.manual_seed(0)
     model = LeNet5()
-    method = methods.get_method("admm", finetune_frac=0.0, admm_interval=1)
+    method = methods.get_method("admm", finetune_frac=0.0, admm_interval=1, penalty=penalty)
     method.attach(model)
     opt = torch.optim.Adam([{"params": g["params"], "lr": 1e-2 * g["lr_mult"]} for g in method.param_groups(model)])
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     for step in range(1, 3):
-        loss = torch.nn.functional.cross_entropy(model(x), y) + method.extra_loss()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if penalty == "loss":
+            loss = loss + method.extra_loss()
+        else:
+            assert method.extra_loss() is None
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -46,7 +46,7 @@ def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
     assert positive(deployment["inference_packed_2bit"]["images_per_s"])
     assert positive(deployment["inference_fp_model"]["images_per_s"])
     quantizers = bench["quantizers"]
-    for key in ("twn_ms_per_step", "ttq_ms_per_step", "admm_penalty_ms_per_step", "admm_update_ms"):
+    for key in ("twn_ms_per_step", "ttq_ms_per_step", "admm_prox_ms_per_step", "admm_penalty_ms_per_step", "admm_update_ms"):
         assert positive(quantizers[key]), key
     assert quantizers["admm_update_ms_per_step"] == pytest.approx(quantizers["admm_update_ms"] / quantizers["admm_interval"])
 

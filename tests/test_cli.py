@@ -51,6 +51,7 @@ def test_mode_defaults():
     for mode in HYPERPARAMS:
         config = resolve("--mode", mode)
         assert config["mode"] == mode and config["lr"] == DEFAULTS[mode]["lr"]
+        assert config["batch_size"] == DEFAULTS[mode]["batch_size"]
         assert config["hyperparams"] == HYPERPARAMS[mode] and config["keep_fp"] == []
 
 

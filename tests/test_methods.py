@@ -141,9 +141,30 @@ def test_ttq_after_step_keeps_scales_positive():
     assert model.fc2.quantizer.w_p.item() == pytest.approx(0.3)
 
 
+def test_admm_prox_penalty_is_a_step_not_a_loss():
+    model = fresh_model()
+    method = get_method("admm", rho=0.5, finetune_frac=0.5, admm_interval=2)
+    method.attach(model)
+    assert method.extra_loss() is None  # the default penalty is the proximal step
+    with torch.no_grad():
+        model.fc2.weight.add_(0.1)
+    W = {n: l.weight.detach().clone() for n, l in model.quant_layers()}
+    target = {n: method.state.G[n] - method.state.U[n] for n in W}
+    method.after_step(model, 1, 4)  # not an ADMM round (interval 2): only the prox step
+    for name, layer in model.quant_layers():
+        # argmin_V rho/2 ||V - G + U||^2 + 1/2 ||V - W||^2, by its closed form
+        torch.testing.assert_close(layer.weight.detach(), (W[name] + 0.5 * target[name]) / 1.5)
+    assert method.state.rho == 0.5
+
+
+def test_admm_rejects_an_unknown_penalty():
+    with pytest.raises(ValueError, match="penalty must be one of prox, loss"):
+        get_method("admm", penalty="l1")
+
+
 def test_admm_extra_loss_is_the_penalty_until_frozen():
     model = fresh_model()
-    method = get_method("admm", rho=0.5, finetune_frac=0.5, admm_interval=1)
+    method = get_method("admm", rho=0.5, finetune_frac=0.5, admm_interval=1, penalty="loss")
     method.attach(model)
     with torch.no_grad():
         model.fc2.weight.add_(0.1)
