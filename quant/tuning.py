@@ -55,7 +55,7 @@ GRIDS = {
     "fp": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128, 256]},
     "twn": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "delta_factor": [0.5, 0.7, 0.9]},
     "ttq": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "t": [0.02, 0.05, 0.1]},
-    "admm": {"lr": [1e-3, 3e-3], "rho": [1e-5, 1e-4, 1e-3], "rho_growth": [1.2, 1.5], "admm_interval": [25, 100]},
+    "admm": {"lr": [3e-3, 1e-2], "batch_size": [64, 128], "rho": [1e-5, 1e-4, 1e-3], "admm_interval": [25, 50]},
 }
 
 

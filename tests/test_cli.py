@@ -55,6 +55,11 @@ def test_mode_defaults():
         assert config["hyperparams"] == HYPERPARAMS[mode] and config["keep_fp"] == []
 
 
+def test_admm_penalty_flag():
+    assert resolve("--mode", "admm")["hyperparams"]["penalty"] == "prox"
+    assert resolve("--mode", "admm", "--admm-penalty", "loss")["hyperparams"]["penalty"] == "loss"
+
+
 def test_precedence_defaults_then_base_then_flags():
     base = {"lr": 0.01, "batch_size": 64, "hyperparams": {"rho": 0.5}}
     config = resolve("--mode", "admm", "--batch_size", "32", "--rho-growth", "2", base=base)
@@ -78,6 +83,8 @@ def test_keep_fp_aliases():
     (["--mode", "ttq", "--t", "1.5"], ["--t"]),
     (["--mode", "fp", "--rho", "1"], ["--rho", "admm"]),
     (["--mode", "twn", "--t", "0.1"], ["--t", "ttq"]),
+    (["--mode", "ttq", "--admm-penalty", "loss"], ["--admm-penalty", "admm"]),
+    (["--mode", "admm", "--admm-penalty", "l1"], ["--admm-penalty", "prox"]),
     (["--mode", "fp", "--keep-fp", "first"], ["--keep-fp"]),
     (["--mode", "twn", "--keep-fp", "conv9"], ["conv9"]),
     (["--mode", "fp", "--train-subset", "100", "--batch-size", "200"], ["--batch-size", "100"]),

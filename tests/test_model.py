@@ -85,3 +85,48 @@ def test_quantizer_state_is_not_counted_as_model_parameters():
     model.fc1.quantizer = nn.Linear(3, 3)  # stands in for a method's trainable state (e.g. TTQ's w_p, w_n)
     assert any(".quantizer." in name for name, _ in model.named_parameters())
     assert count_parameters(model)["total_params"] == before
+
+
+def test_pool_before_relu_gives_the_same_gradients():
+    """relu(maxpool(z)) == maxpool(relu(z)): the model's cheaper order changes neither outputs nor gradients."""
+    torch.manual_seed(0)
+    model = LeNet5().train()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    m = model
+
+    def relu_first(t):
+        t = F.max_pool2d(F.relu(m.bn1(m.conv1(t))), 2)
+        t = F.max_pool2d(F.relu(m.bn2(m.conv2(t))), 2)
+        return m.fc2(F.relu(m.fc1(t.flatten(1))))
+
+    grads = []
+    for forward in (model, relu_first):
+        model.zero_grad()
+        F.cross_entropy(forward(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_conv_weights_stay_channels_last_under_a_quantizer():
+    """conv1 (one input channel) has ambiguous strides; elementwise ops hand back NCHW ones, which would send
+    the convolution, BN and pooling down their slower NCHW paths. The layer restores the weight's strides."""
+    model = LeNet5()
+    conv1 = model.conv1
+    assert conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    conv1.quantizer = Scale(0.1)
+    assert conv1.quantizer(conv1.weight).stride() != conv1.weight.stride()  # the case the layer repairs
+    x = torch.randn(2, 1, 28, 28)
+    out = conv1(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, F.conv2d(x, conv1.weight.sign() * 0.1, conv1.bias))
+    conv1.quantizer = Half()  # a quantizer with a gradient: the restriding copy must pass it on
+    w = conv1.weight.detach().clone().requires_grad_(True)
+    conv1(x).square().sum().backward()
+    F.conv2d(x, w * 0.5, conv1.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(conv1.weight.grad, w.grad)
+
+
+class Half(nn.Module):
+    def forward(self, w):
+        return w * 0.5
