@@ -348,11 +348,18 @@ def dequantize(codes: torch.Tensor, w_p: torch.Tensor, w_n: torch.Tensor) -> tor
 
 
 def dequantized_weights(manifest: dict, tensors: dict) -> dict:
-    """Every tensor the network reads, as float32: ternary blocks dequantised, fp16 widened."""
+    """Every tensor the network reads, as float32: ternary blocks dequantised, fp16 widened.
+
+    4-D (conv) weights are laid out channels_last, as the training model keeps them: the CPU's oneDNN
+    convolutions then pass channels_last activations through BN and pooling, ~1.5x faster than NCHW.
+    """
     weights = {name: t.float() for name, t in tensors.items() if t.is_floating_point()}
     for rec in manifest["ternary"]:
         weights[rec["name"]] = dequantize(tensors[rec["name"]], weights[rec["w_p"]], weights[rec["w_n"]])
-    return weights
+    # empty_like + copy_ rather than .contiguous(): a conv weight with one input channel already counts as
+    # channels_last-contiguous, and .contiguous() would keep its NCHW strides.
+    return {name: torch.empty_like(w, memory_format=torch.channels_last).copy_(w) if w.ndim == 4 else w
+            for name, w in weights.items()}
 
 
 def _conv2d(x, op, w):
