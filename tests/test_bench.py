@@ -9,7 +9,7 @@ from conftest import call_script
 from quant import benchmarking
 from quant.methods import METHODS
 
-SECTIONS = {"quick", "machine", "floor", "real_epoch", "naive", "evaluate", "deployment", "quantizers", "ratios"}
+SECTIONS = {"quick", "machine", "rounds", "floor", "real_epoch", "naive", "evaluate", "deployment", "quantizers", "ratios"}
 
 
 def positive(value) -> bool:
@@ -75,3 +75,11 @@ def test_ratios_are_time_over_time_against_their_bars():
     # each bar fails on the wrong side
     bad = benchmarking.ratios(fake_results(fp_img_s=800.0, twn_ms=13.0, naive_img_s=700.0, packed=700.0), 128)
     assert not any(ratio["pass"] for ratio in bad.values())
+
+
+def test_keep_fastest_keeps_the_higher_throughput_and_counts_rounds():
+    table = {}
+    benchmarking.keep_fastest(table, "fp", {"images_per_s": 100.0, "run": 1})
+    benchmarking.keep_fastest(table, "fp", {"images_per_s": 120.0, "run": 2})
+    benchmarking.keep_fastest(table, "fp", {"images_per_s": 110.0, "run": 3})
+    assert table["fp"] == {"images_per_s": 120.0, "run": 2, "rounds_measured": 3}
