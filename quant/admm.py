@@ -20,8 +20,8 @@ W trains on f by Adam (no straight-through estimator). The quadratic term is app
       per optimizer step: W moves rho / (1 + rho) of the way to G - U each step.
   penalty="loss": the textbook form, (rho/2)||W - G + U||^2 added to the loss and differentiated by Adam.
 
-Pi_C is the exact Euclidean projection (`project_ternary`) rather than the paper's alternating approximation: sort |v|
-descending; for support size k the best alpha is the mean of the k largest |v|, with squared error
+Pi_C is the exact Euclidean projection (`project_ternary`) rather than the paper's alternating
+approximation: sort |v| descending; for support size k the best alpha is the mean of the k largest |v|, with squared error
 ||v||^2 - (sum of top k)^2 / k; take the k with the least error. O(n log n), and never worse than the
 alternating scheme or TWN's 0.7*mean|W| rule, which pick among the same candidates.
 """
