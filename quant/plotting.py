@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .report import (LAYERS, NoResults, label, layer_stats, mean, mode_key, read_csv, read_json,  # noqa: E402
-                     std, study_rows, summarize)
+                     required_study_rows, std, study_rows, summarize)
 from .results import ResultsError  # noqa: E402
 
 DPI = 150
@@ -51,12 +51,9 @@ def _save(fig, path: Path) -> Path:
 
 def _rows(results_dir, tag):
     try:
-        rows = study_rows(results_dir, tag)
-    except ResultsError as e:
+        return required_study_rows(results_dir, tag)
+    except NoResults as e:
         raise MissingInput(str(e)) from None
-    if not rows:
-        raise MissingInput(f"no rows tagged {tag!r} in {Path(results_dir) / 'results.csv'}")
-    return rows
 
 
 def _runs(results_dir, tag, folder: str, suffix: str) -> list[tuple[str, object, Path]]:

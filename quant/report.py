@@ -74,6 +74,17 @@ def study_rows(results_dir, tag: str = "study") -> list[dict]:
     return [latest[k] for k in sorted(latest, key=lambda k: (mode_key(k[0]), str(k[1]).zfill(8)))]
 
 
+def required_study_rows(results_dir, tag: str = "study") -> list[dict]:
+    """study_rows, raising NoResults when results.csv is unreadable or has no `tag` rows."""
+    try:
+        rows = study_rows(results_dir, tag)
+    except ResultsError as e:
+        raise NoResults(str(e)) from None
+    if not rows:
+        raise NoResults(f"{Path(results_dir) / 'results.csv'} has no rows tagged {tag!r}")
+    return rows
+
+
 def read_csv(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -114,12 +125,7 @@ def summarize(results_dir, tag: str = "study") -> dict:
     entropy_bytes, entropy_bits, zero_fraction, mismatches; `size` = deployed bytes on disk (2-bit file; FP:
     the FP32 state_dict), `compression` = FP32 state_dict bytes / size.
     """
-    try:
-        rows = study_rows(results_dir, tag)
-    except ResultsError as e:
-        raise NoResults(str(e)) from None
-    if not rows:
-        raise NoResults(f"{Path(results_dir) / 'results.csv'} has no rows tagged {tag!r}")
+    rows = required_study_rows(results_dir, tag)
     totals = [d for d in deployment_rows(results_dir, rows) if d.get("layer") == "total"]
     fp32_any = [number(d.get("fp32_state_dict_bytes")) for d in totals]
     out = {}
