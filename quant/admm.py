@@ -2,7 +2,7 @@
 
     minimise f(W)  s.t.  W_l in C_l = alpha_l * {-1, 0, +1}^{n_l}  for every quantized layer l
     scaled augmented Lagrangian:  f(W) + (rho/2) * sum_l ||W_l - G_l + U_l||^2           (Eq. 8)
-    every `interval` steps:       G <- Pi_C(W + U);   U <- U + W - G;                      (Eqs. 9-11)
+    `rounds` times, evenly spaced:  G <- Pi_C(W + U);   U <- U + W - G;                    (Eqs. 9-11)
                                   rho <- rho * growth;  U <- U / growth
     after training:               W <- Pi_C(W), the hard projection that is deployed.
 
@@ -19,6 +19,11 @@ W trains on f by Adam (no straight-through estimator). The quadratic term is app
       (Loshchilov & Hutter 2019, arXiv 1711.05101) with G - U in place of 0. rho here is the prox weight
       per optimizer step: W moves rho / (1 + rho) of the way to G - U each step.
   penalty="loss": the textbook form, (rho/2)||W - G + U||^2 added to the loss and differentiated by Adam.
+
+The schedule is set by the number of rounds, not by a step interval: the rounds are spread evenly over the
+ADMM phase (`round_interval`), so rho ends at rho_0 * growth^rounds whatever the budget. A fixed step interval
+made rho's final value depend on the run length (x9 in a 1-epoch tuning trial, x4,400 in the 3-epoch run),
+and a search on short trials then picked a rho_0 that pinned the codes far too early in the full run.
 
 Pi_C is the exact Euclidean projection (`project_ternary`) rather than the paper's alternating
 approximation: sort |v| descending; for support size k the best alpha is the mean of the k largest |v|, with squared error
@@ -54,6 +59,13 @@ def project_ternary(v: torch.Tensor):
     codes = (torch.sign(v.detach().flatten()) * keep).to(torch.int8).reshape(v.shape)
     delta = sorted_a[best + 1] if best + 1 < a.numel() else torch.zeros((), device=v.device)
     return codes, alpha, delta
+
+
+def round_interval(phase_steps: int, rounds: int) -> int:
+    """Optimizer steps between ADMM rounds: floor(phase_steps / rounds), at least 1. Rounds happen at steps
+    interval, 2 * interval, ..., rounds * interval of the phase (46 rounds over the default run's 2,322-step
+    phase: every 50 steps)."""
+    return max(1, phase_steps // rounds)
 
 
 class PenaltyFunction(torch.autograd.Function):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import admm
 from .data import MEAN, STD, MNIST, find_idx_file, split_indices
 from .deploy_format import load_inference, pack, unpack
-from .engine import evaluate, make_optimizer, train
+from .engine import evaluate, make_optimizer, steps_per_epoch, train
 from .export import rebuild_model
 from .methods import HYPERPARAMS, METHODS, get_method
 from .model import LeNet5
@@ -253,6 +253,14 @@ def deployment(ternary_export: dict, fp_export: dict, x: torch.Tensor, batch_siz
 
 # ---------------------------------------------------------------- 6. per-step cost of each quantizer
 
+def default_admm_interval(n_images: int) -> int:
+    """Steps between ADMM rounds in a default `train.py --mode admm` run on n_images training images."""
+    config = default_config("admm")
+    hp = config["hyperparams"]
+    total = config["epochs"] * steps_per_epoch(n_images, config["batch_size"])
+    return admm.round_interval(total - int(hp["finetune_frac"] * total), hp["admm_rounds"])
+
+
 def quantizer_overhead(iterations: int, repeats: int, admm_interval: int, device="cpu") -> dict:
     """ms per training step that each method adds on LeNet-5's four layers (forward + backward of its own ops)."""
     torch.manual_seed(0)
@@ -361,7 +369,7 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
     results["deployment"] = deployment(ternary, exports["fp"], data.test_x, 1000, repeats)
     results["deployment"]["ternary_export_from"] = next(m for m in modes if m != "fp")
     log("quantizer overhead")
-    results["quantizers"] = quantizer_overhead(3 if quick else 20, repeats, HYPERPARAMS["admm"]["admm_interval"], device)
+    results["quantizers"] = quantizer_overhead(3 if quick else 20, repeats, default_admm_interval(len(data.train_y)), device)
     results["ratios"] = ratios(results, train_batch_size)
     results["machine"]["load_average_after"] = list(os.getloadavg())
     return results

@@ -122,8 +122,9 @@ def add_train_args(parser):
     group.add_argument("--rho", type=positive_float, default=None, help="ADMM: initial penalty rho (default 1e-4)")
     group.add_argument("--rho-growth", "--rho_growth", type=positive_float, default=None,
                        help="ADMM: rho multiplier per ADMM round (default 1.2)")
-    group.add_argument("--admm-interval", "--admm_interval", type=positive_int, default=None,
-                       help=f"ADMM: optimizer steps between G/U updates (default {HYPERPARAMS['admm']['admm_interval']})")
+    group.add_argument("--admm-rounds", "--admm_rounds", type=positive_int, default=None,
+                       help="ADMM: G/U updates (each growing rho), spread evenly over the steps before the fine-tune "
+                            f"(default {HYPERPARAMS['admm']['admm_rounds']}: every 50 steps at the default 3 epochs, batch 64)")
     group.add_argument("--admm-penalty", "--admm_penalty", dest="penalty", choices=PENALTIES, default=None,
                        help="ADMM: apply rho/2 ||W - G + U||^2 as a proximal step after each Adam step (prox) or "
                             "inside the loss (loss) (default prox)")

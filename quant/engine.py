@@ -59,6 +59,11 @@ class RunningStats:
         self.correct += int(torch.stack(corrects).sum())
 
 
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Batches per epoch: full batches plus the remainder when it has >= 2 images (BatchNorm needs two)."""
+    return n_images // batch_size + (n_images % batch_size >= 2)
+
+
 def make_scheduler(optimizer, schedule: str, total_steps: int):
     """OneCycle (Smith & Topin 2017: warm-up 20 %, cosine anneal), cosine decay to 0, or constant.
 
@@ -104,8 +109,7 @@ def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     groups = [{"params": g["params"], "lr": lr * g["lr_mult"]} for g in method.param_groups(model)]
     optimizer = make_optimizer(groups, lr, weight_decay)
-    n_batches = len(train_y) // batch_size + (len(train_y) % batch_size >= 2)
-    total_steps = epochs * n_batches
+    total_steps = epochs * steps_per_epoch(len(train_y), batch_size)
     scheduler = make_scheduler(optimizer, schedule, total_steps)
     shuffle = torch.Generator(device="cpu").manual_seed(seed)
     history, step = [], 0

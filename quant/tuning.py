@@ -55,7 +55,7 @@ GRIDS = {
     "fp": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128, 256]},
     "twn": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "delta_factor": [0.5, 0.7, 0.9]},
     "ttq": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "t": [0.02, 0.05, 0.1]},
-    "admm": {"lr": [3e-3, 1e-2], "batch_size": [64, 128], "rho": [1e-5, 1e-4, 1e-3], "admm_interval": [25, 50]},
+    "admm": {"lr": [3e-3, 1e-2], "batch_size": [64, 128], "rho": [1e-5, 1e-4, 1e-3], "admm_rounds": [23, 46]},
 }
 
 
@@ -131,7 +131,7 @@ def _boolean(value, key):
 CHECKS = {"lr": _positive, "batch_size": _int_at_least(2), "schedule": _choice(SCHEDULES, "a schedule"), "weight_decay": _non_negative,
           "shift": _int_at_least(0),
           "delta_factor": _unit_open, "per_channel": _boolean, "t": _unit_open, "scale_lr": _positive, "rho": _positive,
-          "rho_growth": _positive, "admm_interval": _int_at_least(1), "finetune_frac": _unit_fraction,
+          "rho_growth": _positive, "admm_rounds": _int_at_least(1), "finetune_frac": _unit_fraction,
           "penalty": _choice(PENALTIES, "an ADMM penalty")}
 
 

@@ -247,7 +247,7 @@ def test_frozen_ternary():
 def test_finish_projects_weights_exactly_and_export_is_ternary(penalty):
     torch.manual_seed(0)
     model = LeNet5()
-    method = methods.get_method("admm", finetune_frac=0.0, admm_interval=1, penalty=penalty)
+    method = methods.get_method("admm", finetune_frac=0.0, admm_rounds=2, penalty=penalty)
     method.attach(model)
     opt = torch.optim.Adam([{"params": g["params"], "lr": 1e-2 * g["lr_mult"]} for g in method.param_groups(model)])
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))

@@ -66,7 +66,7 @@ def test_precedence_defaults_then_base_then_flags():
     assert config["lr"] == 0.01  # from base
     assert config["batch_size"] == 32  # flag beats base (underscore alias accepted)
     assert config["hyperparams"]["rho"] == 0.5 and config["hyperparams"]["rho_growth"] == 2.0
-    assert config["hyperparams"]["admm_interval"] == HYPERPARAMS["admm"]["admm_interval"]
+    assert config["hyperparams"]["admm_rounds"] == HYPERPARAMS["admm"]["admm_rounds"]
 
 
 def test_keep_fp_aliases():

@@ -22,8 +22,8 @@ assert sum(WEIGHTS.values()) == 581_408 and sum(WEIGHTS.values()) + BIASES_AND_B
 # Every registry entry with its defaults, plus the variants whose export differs in shape or in path.
 CONFIGS = {name: (name, {}) for name in METHODS}
 CONFIGS.update({"twn-per-channel": ("twn", {"per_channel": True, "delta_factor": 0.75}),
-                "admm-finish": ("admm", {"finetune_frac": 0.0, "admm_interval": 1}),
-                "admm-frozen-finetune": ("admm", {"finetune_frac": 0.5, "admm_interval": 1})})
+                "admm-finish": ("admm", {"finetune_frac": 0.0, "admm_rounds": 4}),
+                "admm-frozen-finetune": ("admm", {"finetune_frac": 0.5, "admm_rounds": 2})})
 
 
 def train_briefly(method, model, steps=4, seed=0):

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quant import admm
+from quant.engine import steps_per_epoch
 from quant.methods import DEFAULTS, HYPERPARAMS, METHODS, get_method, parse_keep_fp, recalibrate_bn
 from quant.model import QUANT_LAYERS, LeNet5
 from quant.ttq import TTQQuantizer
@@ -143,14 +145,14 @@ def test_ttq_after_step_keeps_scales_positive():
 
 def test_admm_prox_penalty_is_a_step_not_a_loss():
     model = fresh_model()
-    method = get_method("admm", rho=0.5, finetune_frac=0.5, admm_interval=2)
+    method = get_method("admm", rho=0.5, finetune_frac=0.5, admm_rounds=1)
     method.attach(model)
     assert method.extra_loss() is None  # the default penalty is the proximal step
     with torch.no_grad():
         model.fc2.weight.add_(0.1)
     W = {n: l.weight.detach().clone() for n, l in model.quant_layers()}
     target = {n: method.state.G[n] - method.state.U[n] for n in W}
-    method.after_step(model, 1, 4)  # not an ADMM round (interval 2): only the prox step
+    method.after_step(model, 1, 4)  # 1 round over the 2-step phase, at step 2: only the prox step
     for name, layer in model.quant_layers():
         # argmin_V rho/2 ||V - G + U||^2 + 1/2 ||V - W||^2, by its closed form
         torch.testing.assert_close(layer.weight.detach(), (W[name] + 0.5 * target[name]) / 1.5)
@@ -164,7 +166,7 @@ def test_admm_rejects_an_unknown_penalty():
 
 def test_admm_extra_loss_is_the_penalty_until_frozen():
     model = fresh_model()
-    method = get_method("admm", rho=0.5, finetune_frac=0.5, admm_interval=1, penalty="loss")
+    method = get_method("admm", rho=0.5, finetune_frac=0.5, admm_rounds=2, penalty="loss")
     method.attach(model)
     with torch.no_grad():
         model.fc2.weight.add_(0.1)
@@ -211,3 +213,34 @@ def test_methods_train_through_the_hooks():
         method.after_step(model, 1, 10)
         assert torch.isfinite(total)
         assert not torch.equal(before, model.fc1.weight.detach()), mode
+
+
+# ---------------------------------------------------------------- ADMM's rho schedule: rounds, not a step interval
+def test_round_interval_spreads_the_rounds_over_the_phase():
+    assert admm.round_interval(2322, 46) == 50  # the default run: 3 epochs x 860 steps, minus the 10 % fine-tune
+    assert admm.round_interval(2299, 46) == 49  # 46 x 50 = 2300 steps no longer fit
+    assert admm.round_interval(10, 3) == 3
+    assert admm.round_interval(0, 5) == 1 and admm.round_interval(4, 10) == 1
+
+
+def test_default_admm_run_rounds_every_50_steps():
+    total = 3 * steps_per_epoch(55000, DEFAULTS["admm"]["batch_size"])
+    assert total == 2580  # 859 full batches of 64 and one of 24
+    hp = HYPERPARAMS["admm"]
+    assert admm.round_interval(total - int(hp["finetune_frac"] * total), hp["admm_rounds"]) == 50
+
+
+@pytest.mark.parametrize("total_steps", [30, 97])
+def test_admm_runs_its_rounds_whatever_the_budget(total_steps):
+    model = fresh_model()
+    method = get_method("admm", rho=1e-3, rho_growth=2.0, admm_rounds=5, finetune_frac=0.2)
+    method.attach(model)
+    rounds = []
+    original = method.state.update
+    method.state.update = lambda: (rounds.append(step), original())
+    for step in range(1, total_steps + 1):
+        method.after_step(model, step, total_steps)
+    phase = total_steps - int(0.2 * total_steps)
+    assert len(rounds) == 5 and rounds[-1] <= phase  # all five rounds, all before the fine-tune
+    assert method.state.rho == pytest.approx(1e-3 * 2.0 ** 5)  # the same final rho for a short and a long run
+    assert method.finetuning

@@ -50,7 +50,7 @@ def make_results(root, modes=MODES, seeds=SEEDS, epochs=3, weights=True, deploym
     append_result(results / "results.csv", {"mode": "fp", "tag": "quick", "seed": 0, "test_acc": 50.0,
                                             "checkpoint": "checkpoints/quick_fp_seed0.pth"})
     hp = {"fp": {}, "twn": {"delta_factor": 0.7, "per_channel": False}, "ttq": {"scale_lr": 0.1, "t": 0.05},
-          "admm": {"admm_interval": 100, "finetune_frac": 0.1, "rho": 0.001, "rho_growth": 1.5}}
+          "admm": {"admm_rounds": 46, "finetune_frac": 0.1, "rho": 0.001, "rho_growth": 1.5}}
     deploy = []
     for seed in seeds:
         for mode in modes:
