@@ -124,7 +124,9 @@ def floor(data: MNIST, batch_size: int, steps: int, repeats: int, device="cpu") 
 
 def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int = 0, device="cpu") -> tuple[dict, dict]:
     """One full epoch of quant.engine.train in `mode` with its default config; returns (timings, export)."""
-    config = default_config(mode, epochs=1, batch_size=batch_size, seed=seed)
+    # TTQ without its FP warm-up, so that every timed step is a ternary step
+    config = default_config(mode, epochs=1, batch_size=batch_size, seed=seed,
+                            hyperparams={"warmup_frac": 0.0} if mode == "ttq" else {})
 
     def fresh():  # as runs.train_checkpoint builds it
         torch.manual_seed(seed)
@@ -147,7 +149,7 @@ def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int = 0, device="c
     row = history[0]
     val_seconds = timed(lambda: evaluate(model, data.val_x, data.val_y), device) if len(data.val_y) else 0.0
     loop_seconds = row["seconds"] - val_seconds
-    steps = len(data.train_y) // batch_size + (len(data.train_y) % batch_size >= 2)
+    steps = steps_per_epoch(len(data.train_y), batch_size)
     model.cpu()
     timings = {"mode": mode, "images": len(data.train_y), "steps": steps, "batch_size": batch_size,
                "progress_bar": "tqdm, drawn into os.devnull", "epoch_seconds": epoch_seconds,

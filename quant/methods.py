@@ -23,7 +23,7 @@ DEFAULTS = {
 HYPERPARAMS = {
     "fp": {},
     "twn": {"delta_factor": 0.7, "per_channel": False},
-    "ttq": {"t": 0.05, "scale_lr": 1.0},
+    "ttq": {"t": 0.05, "scale_lr": 1.0, "warmup_frac": 0.3},
     "admm": {"rho": 1e-4, "rho_growth": 1.2, "admm_rounds": 46, "finetune_frac": 0.1, "penalty": "prox"},
 }
 KEEP_FP_ALIASES = {"first": "conv1", "last": "fc2"}
@@ -91,8 +91,9 @@ class TTQ(Method):
     name = "ttq"
 
     def attach(self, model):
+        warm = self.hparams["warmup_frac"] > 0
         for _, layer in self.quantized(model):
-            layer.quantizer = ttq.TTQQuantizer(layer.weight, self.hparams["t"])
+            layer.quantizer = ttq.TTQQuantizer(layer.weight, self.hparams["t"], active=not warm)
 
     def param_groups(self, model):
         # scale_lr multiplies the lr of w_p and w_n. The official code trains them at the weights' lr (1.0, the
@@ -104,8 +105,12 @@ class TTQ(Method):
 
     @torch.no_grad()
     def after_step(self, model, step, total_steps):
-        # w_p and w_n are positive by definition (Sec. 3); a large step could push one through zero.
         for _, layer in self.quantized(model):
+            if not layer.quantizer.active:
+                if step >= int(self.hparams["warmup_frac"] * total_steps):
+                    layer.quantizer.start(layer.weight)  # the FP warm-up is over
+                continue
+            # w_p and w_n are positive by definition (Sec. 3); a large step could push one through zero.
             layer.quantizer.w_p.clamp_(min=1e-8)
             layer.quantizer.w_n.clamp_(min=1e-8)
 

@@ -9,9 +9,14 @@ Eq. 7 as printed drops the minus sign of the w_n gradient (W^ = -w_n on I_n); se
 inherit that bug (TropComplique/trained-ternary-quantization#6). We use the chain rule, i.e. what
 the official TensorFlow code gets through autodiff, and sums (not means) as the official code does.
 
-w_p and w_n start at the least-squares scale of the initial weights, mean |W| over |W| > delta (TWN
-Eq. 5), not the official code's 1.0: PyTorch's default init gives |W| ~ 0.01-0.1, and a level of 1.0
-would multiply each layer's output 10-100x in the first steps.
+w_p and w_n start at the least-squares scale of the weights, mean |W| over |W| > delta (TWN Eq. 5), not
+the official code's 1.0: PyTorch's default init gives |W| ~ 0.01-0.1, and a level of 1.0 would multiply
+each layer's output 10-100x in the first steps.
+
+The paper fine-tunes its CIFAR-10 models from trained FP ones (Sec. 4.1). Within our fixed budget an
+optional FP warm-up does the same: the quantizer passes W through unchanged (`active` False) for the first
+steps, then `start` sets w_p, w_n to the least-squares scale of the warmed-up weights and ternarizes from
+then on.
 """
 import torch
 from torch import nn
@@ -52,20 +57,36 @@ class TTQFunction(torch.autograd.Function):
         return grad_w, grad_w_p, grad_w_n, None
 
 
-class TTQQuantizer(nn.Module):
-    """Holds one layer's trainable positive scalars w_p, w_n (Sec. 3)."""
+def least_squares_scale(w: torch.Tensor, t: float) -> torch.Tensor:
+    """mean |W_i| over |W_i| > t * max|W|: the best single level for the codes of Eq. 9 (TWN Eq. 5)."""
+    codes, _ = ttq_codes(w, t)
+    nonzero = codes != 0
+    return (w.detach().abs() * nonzero).sum() / nonzero.sum().clamp(min=1)
 
-    def __init__(self, w: torch.Tensor, t: float = 0.05):
+
+class TTQQuantizer(nn.Module):
+    """Holds one layer's trainable positive scalars w_p, w_n (Sec. 3); passes W through until active."""
+
+    def __init__(self, w: torch.Tensor, t: float = 0.05, active: bool = True):
         super().__init__()
         self.t = t
-        codes, _ = ttq_codes(w, t)
-        init = (w.detach().abs() * (codes != 0)).sum() / (codes != 0).sum().clamp(min=1)
-        self.w_p = nn.Parameter(init.clone().reshape(1))
-        self.w_n = nn.Parameter(init.clone().reshape(1))
+        init = least_squares_scale(w, t).reshape(1)
+        self.w_p = nn.Parameter(init.clone())
+        self.w_n = nn.Parameter(init.clone())
+        self.active = active
+
+    @torch.no_grad()
+    def start(self, w: torch.Tensor) -> None:
+        """End the FP warm-up: w_p = w_n = the least-squares scale of the current W, ternary from now on."""
+        self.w_p.fill_(least_squares_scale(w, self.t))
+        self.w_n.copy_(self.w_p)
+        self.active = True
 
     def forward(self, w):
-        return TTQFunction.apply(w, self.w_p, self.w_n, self.t)
+        return TTQFunction.apply(w, self.w_p, self.w_n, self.t) if self.active else w
 
     def export(self, w) -> dict:
+        if not self.active:
+            raise RuntimeError("TTQ export during the FP warm-up: the layer is not ternary yet")
         codes, delta = ttq_codes(w, self.t)
         return {"codes": codes, "w_p": self.w_p, "w_n": self.w_n, "delta": delta}

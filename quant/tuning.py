@@ -130,7 +130,7 @@ def _boolean(value, key):
 # batch_size >= 2 because BatchNorm cannot train on a batch of one.
 CHECKS = {"lr": _positive, "batch_size": _int_at_least(2), "schedule": _choice(SCHEDULES, "a schedule"), "weight_decay": _non_negative,
           "shift": _int_at_least(0),
-          "delta_factor": _unit_open, "per_channel": _boolean, "t": _unit_open, "scale_lr": _positive, "rho": _positive,
+          "delta_factor": _unit_open, "per_channel": _boolean, "t": _unit_open, "scale_lr": _positive, "warmup_frac": _unit_fraction, "rho": _positive,
           "rho_growth": _positive, "admm_rounds": _int_at_least(1), "finetune_frac": _unit_fraction,
           "penalty": _choice(PENALTIES, "an ADMM penalty")}
 

@@ -35,6 +35,7 @@ def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
         assert epoch["images"] == 512 - 64 and epoch["steps"] == 4, mode  # 3 x 128 + 64
         assert 0 < epoch["loop_seconds"] <= epoch["epoch_seconds"] and positive(epoch["images_per_s"])
         assert epoch["images_per_s"] >= epoch["images_per_s_with_validation_and_finish"]
+    assert bench["real_epoch"]["ttq"]["config"]["hyperparams"]["warmup_frac"] == 0.0  # every timed TTQ step is ternary
     assert bench["naive"]["images"] == 512 - 64 and positive(bench["naive"]["images_per_s"])
     assert bench["evaluate"]["images"] == 128 and positive(bench["evaluate"]["images_per_s"])
 

@@ -131,7 +131,7 @@ def test_param_groups_cover_every_trainable_tensor_once(mode):
 
 def test_ttq_after_step_keeps_scales_positive():
     model = fresh_model()
-    method = get_method("ttq")
+    method = get_method("ttq", warmup_frac=0.0)  # ternary from the first step
     method.attach(model)
     with torch.no_grad():
         model.conv1.quantizer.w_p.fill_(-0.5)
@@ -244,3 +244,26 @@ def test_admm_runs_its_rounds_whatever_the_budget(total_steps):
     assert len(rounds) == 5 and rounds[-1] <= phase  # all five rounds, all before the fine-tune
     assert method.state.rho == pytest.approx(1e-3 * 2.0 ** 5)  # the same final rho for a short and a long run
     assert method.finetuning
+
+
+def test_ttq_warmup_trains_fp_then_ternarizes_at_its_step():
+    model = fresh_model()
+    method = get_method("ttq", warmup_frac=0.5)
+    method.attach(model)
+    assert not model.fc1.quantizer.active
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model.fc2.quantizer(model.fc2.weight), model.fc2.weight)  # FP during the warm-up
+    method.after_step(model, 1, 4)  # the warm-up is int(0.5 * 4) = 2 steps
+    assert not any(layer.quantizer.active for _, layer in model.quant_layers())
+    with torch.no_grad():
+        model.fc1.weight.mul_(3.0)  # the weights moved during the warm-up
+    method.after_step(model, 2, 4)
+    for _, layer in model.quant_layers():
+        q = layer.quantizer
+        assert q.active and q.w_p.item() == q.w_n.item()
+        assert len(torch.unique(q(layer.weight))) <= 3
+    codes = model.fc1.quantizer.export(model.fc1.weight)["codes"]
+    by_hand = (model.fc1.weight.abs() * (codes != 0)).sum() / (codes != 0).sum()
+    assert model.fc1.quantizer.w_p.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    model.eval()
+    assert model(x).shape == (4, 10)

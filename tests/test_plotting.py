@@ -94,6 +94,8 @@ def test_weight_summary_matches_the_checkpoint(mode):
     method.attach(model)
     if mode == "admm":
         method.finish(model, [])  # what training ends with: W <- Pi(W), codes frozen
+    if mode == "ttq":
+        method.after_step(model, 1, 1)  # the end of a (1-step) run: past the FP warm-up, ternary
     ckpt = {"mode": mode, "seed": 3, "state_dict": model.state_dict(), "export": method.export(model)}
     summary = weight_summary(ckpt, bins=50)
     assert [e["layer"] for e in summary["layers"]] == ["conv1", "conv2", "fc1", "fc2"]

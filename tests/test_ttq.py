@@ -172,3 +172,25 @@ def test_module_gradients_reach_parameters():
     assert q.w_p.grad.item() == 3.0 and q.w_n.grad.item() == -2.0
     expected = [{1: q.w_p.item(), 0: 1.0, -1: q.w_n.item()}[c] for c in CODES_HAND]
     assert w.grad.flatten().tolist() == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------- the optional FP warm-up
+def test_inactive_quantizer_passes_weights_through():
+    w = torch.tensor([0.5, -0.02, 0.3, -1.0], requires_grad=True)
+    q = TTQQuantizer(w, t=0.05, active=False)
+    out = q(w)
+    assert torch.equal(out, w)
+    out.backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(w.grad, torch.tensor([1.0, 2.0, 3.0, 4.0]))  # identity, no scaled STE yet
+    with pytest.raises(RuntimeError, match="warm-up"):
+        q.export(w)
+
+
+def test_start_sets_both_levels_to_the_least_squares_scale_of_the_current_weights():
+    w0 = torch.tensor([0.01, -0.01, 0.02, 0.0])
+    q = TTQQuantizer(w0, t=0.05, active=False)
+    w = torch.tensor([0.9, -0.3, 0.02, -0.6])  # the weights after the warm-up
+    q.start(w)
+    # delta = 0.05 * 0.9 = 0.045: |W| above it are 0.9, 0.3, 0.6 -> mean 0.6
+    assert q.active and q.w_p.item() == pytest.approx(0.6) and q.w_n.item() == pytest.approx(0.6)
+    assert q(w).tolist() == pytest.approx([0.6, -0.6, 0.0, -0.6])
