@@ -101,12 +101,13 @@ def machine_info(device) -> dict:
 
 # ---------------------------------------------------------------- 1. compute floor
 
-def floor(data: MNIST, batch_size: int, steps: int, repeats: int, device="cpu") -> dict:
-    """Images/s of forward + backward + Adam (the engine's optimizer) on one batch already in memory."""
+def floor_steps(x: torch.Tensor, y: torch.Tensor, steps: int, device="cpu"):
+    """A function running `steps` forward + backward + Adam steps (the engine's optimizer) of a fresh LeNet-5
+    on the one batch (x, y)."""
     torch.manual_seed(0)
     model = LeNet5().to(device).train()
     optimizer = make_optimizer([{"params": list(model.parameters())}], lr=1e-3)
-    x, y = data.train_x[:batch_size].to(device), data.train_y[:batch_size].to(device)
+    x, y = x.to(device), y.to(device)
 
     def run():
         for _ in range(steps):
@@ -114,10 +115,32 @@ def floor(data: MNIST, batch_size: int, steps: int, repeats: int, device="cpu") 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    return run
 
+
+def floor(data: MNIST, batch_size: int, steps: int, repeats: int, device="cpu") -> dict:
+    """Images/s of forward + backward + Adam on one batch already in memory."""
+    run = floor_steps(data.train_x[:batch_size], data.train_y[:batch_size], steps, device)
     seconds = median_seconds(run, repeats, warmup=1, device=device)
-    return {"batch_size": len(y), "steps": steps, "repeats": repeats, "seconds": seconds,
-            "ms_per_step": 1e3 * seconds / steps, "images_per_s": len(y) * steps / seconds}
+    n = min(batch_size, len(data.train_y))
+    return {"batch_size": n, "steps": steps, "repeats": repeats, "seconds": seconds,
+            "ms_per_step": 1e3 * seconds / steps, "images_per_s": n * steps / seconds}
+
+
+def profile_floor(x: torch.Tensor, y: torch.Tensor, steps: int, top: int = 15) -> list[dict]:
+    """Where a floor step's CPU time goes: the `top` operators by self time (torch.profiler), in ms per step
+    and as a share of all operators' self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = floor_steps(x, y, steps)
+    run()  # warm-up: allocator, oneDNN primitives
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "share": e.self_cpu_time_total / total} for e in events[:top]]
 
 
 # ---------------------------------------------------------------- 2. the real training epoch

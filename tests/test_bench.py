@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import call_script
 from quant import benchmarking
@@ -84,3 +85,13 @@ def test_keep_fastest_keeps_the_higher_throughput_and_counts_rounds():
     benchmarking.keep_fastest(table, "fp", {"images_per_s": 120.0, "run": 2})
     benchmarking.keep_fastest(table, "fp", {"images_per_s": 110.0, "run": 3})
     assert table["fp"] == {"images_per_s": 120.0, "run": 2, "rounds_measured": 3}
+
+
+def test_profile_floor_lists_the_costliest_operators():
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    rows = benchmarking.profile_floor(x, y, steps=2, top=6)
+    assert 0 < len(rows) <= 6
+    shares = [row["share"] for row in rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert any("convolution" in row["op"] for row in rows)  # the convolutions are never negligible
+    assert all(row["ms_per_step"] > 0 and row["calls_per_step"] > 0 for row in rows)

@@ -1,0 +1,47 @@
+"""Profile one training step at the compute floor (LeNet-5 forward + backward + Adam on one in-memory batch):
+the operators that take the time, in ms per step and as a share. Writes results/profile_step.json.
+
+The batch is seeded random noise of MNIST's shape: the floor's cost does not depend on the pixel values.
+
+Example:
+    python benchmarks/profile_step.py                     # batch 128, 20 steps, top 15 operators
+    python benchmarks/profile_step.py --batch-size 64 --top 25
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find quant/
+
+import torch  # noqa: E402
+
+from quant import benchmarking  # noqa: E402
+from quant.cli import ArgumentParser, positive_int, run_main, seed_everything  # noqa: E402
+from quant.files import atomic_write_json  # noqa: E402
+
+
+def parse_args():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=128, help="batch size (default: 128)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="profiled steps (default: 20)")
+    parser.add_argument("--top", type=positive_int, default=15, help="operators listed (default: 15)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the batch (default: 0)")
+    parser.add_argument("--out", default="results/profile_step.json", help="JSON output (default: results/profile_step.json)")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    seed_everything(args.seed)
+    x, y = torch.randn(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
+    rows = benchmarking.profile_floor(x, y, args.steps, args.top)
+    print(f"{'operator':>45}  {'calls/step':>10}  {'ms/step':>8}  {'share':>6}")
+    for row in rows:
+        print(f"{row['op']:>45}  {row['calls_per_step']:>10.1f}  {row['ms_per_step']:>8.2f}  {100 * row['share']:>5.1f}%")
+    atomic_write_json(args.out, {"batch_size": args.batch_size, "steps": args.steps, "torch_threads": torch.get_num_threads(),
+                                 "machine": benchmarking.machine_info("cpu"), "operators": rows})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
