@@ -64,7 +64,8 @@ def main():
                   seed=args.seed, data_dir=args.data_dir, skip_checksum=args.skip_checksum, workers=args.workers,
                   out_dir=args.out_dir, device=args.device)
     summary = tuning.read_summary(args.out_dir)
-    print(f"\nbest configs by validation accuracy ({Path(args.out_dir) / tuning.SUMMARY}):")
+    print(f"\ntuned configs ({Path(args.out_dir) / tuning.SUMMARY}; the defaults are kept unless a config beats them "
+          "by more than one standard error):")
     for mode in args.modes:
         entry = summary.get(mode)
         if entry is None:
@@ -72,6 +73,9 @@ def main():
             continue
         config = {**{k: v for k, v in entry["config"].items() if k != "hyperparams"}, **entry["config"]["hyperparams"]}
         print(f"  {mode:5s} val acc {entry['val_acc']:.2f}%  ({entry['trials']} trials)  {json.dumps(config)}")
+        if entry.get("choice") == "defaults" and entry["best"]["config"] != entry["config"]:
+            print(f"        (the defaults: the best trial, {entry['best']['val_acc']:.2f}%, is within one standard "
+                  f"error, {entry['standard_error']:.2f} points)")
     if Path(args.out_dir) == Path("results/tuning"):  # where train.py --use-tuned looks
         print(f"train with them: python train.py --mode {args.modes[0]} --use-tuned ...")
 

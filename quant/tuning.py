@@ -10,11 +10,13 @@ search killed at any moment leaves valid JSON, a rerun skips every recorded tria
 writing the same file lose nothing:
 
     {mode}_tuning.json   {"mode": m, "trials": [{"config", "val_acc", "val_loss", "seconds", "seed", ...}]}
-    tuning_summary.json  {mode: {"config", "val_acc", "val_loss", "trials", "budget", ...}}
+    tuning_summary.json  {mode: {"config", "val_acc", "val_loss", "choice", "best", "trials", "budget", ...}}
 
 A trial is identified by the canonical JSON of its full config: hyperparameters, budget (epochs,
 train_subset, val_size), seed and the data checksum. The summary ranks only trials with the budget of
-the latest search: scores from different budgets are not comparable.
+the latest search: scores from different budgets are not comparable. Its config (what --use-tuned
+trains) is the best trial's, unless the mode's defaults score within one standard error of it
+(`summarize`).
 """
 import concurrent.futures as futures
 import itertools
@@ -49,8 +51,8 @@ BUDGET_KEYS = ("epochs", "train_subset", "val_size", "seed", "data_checksum")
 # trial on 2 CPU cores) takes about 6-9 minutes. lr spans the useful Adam range around the 3e-3 default;
 # each method's own knobs bracket its paper's value: TWN's delta_factor 0.7 (arXiv 1605.04711, Eq. 6),
 # TTQ's t = 0.05 (arXiv 1612.01064, Eq. 9), ADMM's rho schedule (Leng et al., arXiv 1707.09870, Eqs. 8-11).
-# A short budget favours small batches and frequent ADMM rounds (more steps), so treat those two as
-# hints to confirm with a full-length run rather than as final answers.
+# A short budget favours small batches (more steps), so treat that as a hint to confirm with a full-length
+# run; ADMM's rounds keep its rho schedule the same at any budget (admm.round_interval).
 GRIDS = {
     "fp": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128, 256]},
     "twn": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "delta_factor": [0.5, 0.7, 0.9]},
@@ -276,16 +278,43 @@ def read_summary(out_dir) -> dict:
     return _read_json(Path(out_dir) / SUMMARY, {})
 
 
+def standard_error(acc: float, n: int) -> float:
+    """Binomial standard error, in percentage points, of an accuracy of `acc` % measured on n images."""
+    p = acc / 100
+    return 100 * math.sqrt(p * (1 - p) / max(n, 1))
+
+
+def is_default(config: dict) -> bool:
+    """True if a trial's config is `train.py --mode M`'s own (its training knobs and hyperparameters)."""
+    default = default_config(config["mode"])
+    return all(config[k] == default[k] for k in (*TRAIN_KEYS, "keep_fp", "hyperparams"))
+
+
 def summarize(trials: list[dict], budget: dict) -> dict | None:
-    """Best trial with `budget` (highest val acc, then lowest val loss) as a summary entry; None if none scored."""
+    """The summary entry of the trials with `budget`; None if none scored.
+
+    `best` is the highest validation accuracy (then the lowest loss). The config chosen for --use-tuned is
+    `best` unless the mode's defaults were among the trials and score within one standard error of it: a
+    short trial's margin below that is noise, and the defaults were chosen with full-length runs on several
+    seeds (the one-standard-error rule; Hastie, Tibshirani, Friedman, Elements of Statistical Learning, 7.10).
+    """
     same = [t for t in trials if all(t["config"].get(k) == v for k, v in budget.items())]
     scored = [t for t in same if t.get("val_acc") is not None]
     if not scored:
         return None
     best = max(scored, key=lambda t: (t["val_acc"], -(t["val_loss"] if t["val_loss"] is not None else math.inf)))
-    config = best["config"]
-    return {"config": {**{k: config[k] for k in TRAIN_KEYS}, "hyperparams": config["hyperparams"]},
-            "val_acc": best["val_acc"], "val_loss": best["val_loss"], "seed": best["seed"],
+    default = next((t for t in scored if is_default(t["config"])), None)
+    se = standard_error(best["val_acc"], budget["val_size"])
+    keep_default = default is not None and best["val_acc"] - default["val_acc"] <= se
+    chosen = default if keep_default else best
+
+    def knobs(t):
+        return {**{k: t["config"][k] for k in TRAIN_KEYS}, "hyperparams": t["config"]["hyperparams"]}
+
+    return {"config": knobs(chosen), "val_acc": chosen["val_acc"], "val_loss": chosen["val_loss"], "seed": chosen["seed"],
+            "choice": "defaults" if keep_default else "best",
+            "best": {"config": knobs(best), "val_acc": best["val_acc"], "val_loss": best["val_loss"]},
+            "defaults_val_acc": None if default is None else default["val_acc"], "standard_error": se,
             "trials": len(same), "diverged": len(same) - len(scored), "budget": budget,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -305,14 +334,26 @@ def record_trial(out_dir, record: dict) -> list[dict]:
         if trial_key(config) not in {trial_key(t["config"]) for t in doc["trials"]}:
             doc["trials"].append(record)
             atomic_write_json(path, doc)
-        with locked(summary_path):
-            summary = _read_json(summary_path, {})
-            entry = summarize(doc["trials"], {k: config[k] for k in BUDGET_KEYS})
-            if entry is not None:
-                summary[mode] = entry
-                summary = {m: summary[m] for m in [*METHODS, *summary] if m in summary}
-                atomic_write_json(summary_path, summary)
+        _write_summary(summary_path, mode, doc["trials"], {k: config[k] for k in BUDGET_KEYS})
     return doc["trials"]
+
+
+def _write_summary(summary_path: Path, mode: str, trials: list[dict], budget: dict) -> None:
+    with locked(summary_path):
+        summary = _read_json(summary_path, {})
+        entry = summarize(trials, budget)
+        if entry is not None:
+            summary[mode] = entry
+            summary = {m: summary[m] for m in [*METHODS, *summary] if m in summary}
+            atomic_write_json(summary_path, summary)
+
+
+def refresh_summary(out_dir, mode: str, budget: dict) -> None:
+    """Rewrite `mode`'s summary entry from its recorded trials with `budget` (a rerun with nothing left to run)."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"{mode}_tuning.json"
+    with locked(path):
+        _write_summary(out_dir / SUMMARY, mode, _read_json(path, {"mode": mode, "trials": []})["trials"], budget)
 
 
 def _describe(config: dict, keys) -> str:
@@ -371,6 +412,9 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
         configs = expand(mode, grid, budget)
         total += len(configs)
         pending += [c for c in configs if trial_key(c) not in done]
+    for mode in grids:
+        if not any(c["mode"] == mode for c in pending):
+            refresh_summary(out_dir, mode, budget)  # nothing to run: the summary still follows the current rules
     log(f"tuning {', '.join(grids)}: {total} trials, {total - len(pending)} already recorded in {out_dir}; "
         f"{epochs} epoch(s) on {len(data.train_y)} images, scored on {len(data.val_y)} validation images, "
         f"{workers} worker(s)")

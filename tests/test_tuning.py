@@ -232,3 +232,48 @@ def test_workers_run_trials_in_separate_processes(tmp_path, synthetic_mnist, mon
 def test_tuned_config_without_a_search_says_what_to_run(tmp_path):
     with pytest.raises(ValueError, match="run python tune_hyperparams.py --mode ttq first"):
         tuning.tuned_config("ttq", out_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- which config --use-tuned gets
+SUMMARY_BUDGET = {"epochs": 1, "train_subset": 20000, "val_size": 5000, "seed": 0, "data_checksum": "c"}
+
+
+def scored_fp_trials(default_acc, other_acc):
+    """Two recorded FP trials: the defaults (lr 3e-3, batch 128) and lr 1e-2, with the given accuracies."""
+    configs = tuning.expand("fp", {"lr": [3e-3, 1e-2], "batch_size": [128]}, SUMMARY_BUDGET)
+    assert tuning.is_default(configs[0]) and not tuning.is_default(configs[1])
+    return [{"config": c, "val_acc": acc, "val_loss": 0.05, "seed": 0} for c, acc in zip(configs, (default_acc, other_acc))]
+
+
+def test_standard_error_is_binomial():
+    assert tuning.standard_error(98.0, 5000) == pytest.approx(100 * math.sqrt(0.98 * 0.02 / 5000))  # 0.198 points
+    assert tuning.standard_error(100.0, 5000) == 0.0
+
+
+def test_defaults_are_kept_when_the_best_is_within_one_standard_error():
+    entry = tuning.summarize(scored_fp_trials(97.96, 98.10), SUMMARY_BUDGET)  # 0.14 < 0.19 points apart
+    assert entry["choice"] == "defaults" and entry["config"]["lr"] == 3e-3 and entry["val_acc"] == 97.96
+    assert entry["best"]["config"]["lr"] == 1e-2 and entry["best"]["val_acc"] == 98.10
+    assert entry["defaults_val_acc"] == 97.96 and entry["standard_error"] == pytest.approx(0.1931, abs=1e-4)  # at 98.10 %
+
+
+def test_a_config_that_beats_the_defaults_by_more_than_one_standard_error_wins():
+    entry = tuning.summarize(scored_fp_trials(97.86, 98.32), SUMMARY_BUDGET)
+    assert entry["choice"] == "best" and entry["config"]["lr"] == 1e-2 and entry["val_acc"] == 98.32
+
+
+def test_without_the_defaults_among_the_trials_the_best_wins():
+    trials = scored_fp_trials(99.0, 98.0)[1:]  # only lr 1e-2 recorded
+    entry = tuning.summarize(trials, SUMMARY_BUDGET)
+    assert entry["choice"] == "best" and entry["defaults_val_acc"] is None and entry["config"]["lr"] == 1e-2
+
+
+def test_a_rerun_with_nothing_left_to_run_rewrites_the_summary(tmp_path, synthetic_mnist):
+    tuning.search(fp_grid(1e-3, 2e-3), data_dir=synthetic_mnist, out_dir=tmp_path, log=lambda _: None, **BUDGET)
+    summary_path = tmp_path / tuning.SUMMARY
+    written = json.loads(summary_path.read_text())
+    summary_path.unlink()  # e.g. a summary written by an older version, or lost
+    again = tuning.search(fp_grid(1e-3, 2e-3), data_dir=synthetic_mnist, out_dir=tmp_path, log=lambda _: None, **BUDGET)
+    assert again == []  # no trial ran
+    rewritten = json.loads(summary_path.read_text())
+    assert rewritten["fp"]["config"] == written["fp"]["config"] and rewritten["fp"]["trials"] == 2
