@@ -13,10 +13,10 @@ w_p and w_n start at the least-squares scale of the weights, mean |W| over |W| >
 the official code's 1.0: PyTorch's default init gives |W| ~ 0.01-0.1, and a level of 1.0 would multiply
 each layer's output 10-100x in the first steps.
 
-The paper fine-tunes its CIFAR-10 models from trained FP ones (Sec. 4.1). Within our fixed budget an
-optional FP warm-up does the same: the quantizer passes W through unchanged (`active` False) for the first
-steps, then `start` sets w_p, w_n to the least-squares scale of the warmed-up weights and ternarizes from
-then on.
+The authors fine-tune their CIFAR-10 models from trained FP ones (official code, tw-cifar10-resnet.py).
+Within our fixed budget an optional FP warm-up does the same: the quantizer passes W through unchanged
+(`active` False) for the first steps, then `start` sets w_p, w_n to the least-squares scale of the
+warmed-up weights and ternarizes from then on.
 """
 import torch
 from torch import nn
