@@ -4,7 +4,7 @@ What is measured and how: quant/benchmarking.py. Run it on an otherwise idle mac
 load average before and after); the full run trains one 55,000-image epoch per mode plus one naive epoch.
 
 Example:
-    python benchmarks/bench.py --data-dir ../shared/mnist                                 # ~4 min on 2 idle cores
+    python benchmarks/bench.py --data-dir ../shared/mnist                                 # ~5 min on 2 cores
     python benchmarks/bench.py --quick --data-dir ../shared/mnist --out /tmp/bench.json   # a few seconds
 """
 import argparse
@@ -34,6 +34,9 @@ def parse_args():
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run: {QUICK_TRAIN_IMAGES} training images per epoch, 1,000 validation and test "
                              "images, few repeats (numbers are not meaningful)")
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="interleaved repetitions of every timed pipeline, each keeping its fastest "
+                             "(default: 3; --quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the whole run (default: torch's default)")
     parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,
@@ -55,7 +58,7 @@ def main():
         data.val_x, data.val_y = data.val_x[:1000], data.val_y[:1000]
         data.test_x, data.test_y = data.test_x[:1000], data.test_y[:1000]
     results = benchmarking.run(data, args.data_dir, val_size=args.val_size, train_subset=subset, quick=args.quick,
-                               seed=args.seed, device=pick_device(args.device),
+                               seed=args.seed, device=pick_device(args.device), rounds=args.rounds,
                                log=lambda line: print(f"... {line}", flush=True))
     atomic_write_json(args.out, results)
     print(benchmarking.format_report(results))

@@ -20,10 +20,12 @@ def positive(value) -> bool:
 def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
     out = tmp_path / "sub" / "benchmarks.json"
     result = call_script("benchmarks/bench.py", "--quick", "--data-dir", synthetic_mnist, "--skip-checksum",
-                         "--val-size", "64", "--out", out)
+                         "--val-size", "64", "--rounds", "2", "--out", out)
     assert result.returncode == 0, result.stderr
     bench = json.loads(out.read_text())
     assert set(bench) == SECTIONS and bench["quick"] is True
+    assert bench["rounds"] == 2 and bench["naive"]["rounds_measured"] == 2  # every timed pipeline, every round
+    assert all(t["rounds_measured"] == 2 for t in [*bench["floor"].values(), *bench["real_epoch"].values()])
     machine = bench["machine"]
     assert machine["cpu"] and positive(machine["logical_cpus"]) and positive(machine["torch_threads"])
     assert machine["torch"] and len(machine["load_average_before"]) == 3 and len(machine["load_average_after"]) == 3
