@@ -64,7 +64,7 @@ def project_ternary(v: torch.Tensor):
 def round_interval(phase_steps: int, rounds: int) -> int:
     """Optimizer steps between ADMM rounds: floor(phase_steps / rounds), at least 1. Rounds happen at steps
     interval, 2 * interval, ..., rounds * interval of the phase (46 rounds over the default run's 2,322-step
-    phase: every 50 steps)."""
+    phase: every 50 steps). A phase shorter than `rounds` steps gets one round per step, so fewer rounds."""
     return max(1, phase_steps // rounds)
 
 
