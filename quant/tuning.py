@@ -342,7 +342,8 @@ def _write_summary(summary_path: Path, mode: str, trials: list[dict], budget: di
     with locked(summary_path):
         summary = _read_json(summary_path, {})
         entry = summarize(trials, budget)
-        if entry is not None:
+        undated = lambda e: {k: v for k, v in (e or {}).items() if k != "updated"}  # noqa: E731
+        if entry is not None and undated(entry) != undated(summary.get(mode)):  # unchanged: keep file and time stamp
             summary[mode] = entry
             summary = {m: summary[m] for m in [*METHODS, *summary] if m in summary}
             atomic_write_json(summary_path, summary)

@@ -277,3 +277,6 @@ def test_a_rerun_with_nothing_left_to_run_rewrites_the_summary(tmp_path, synthet
     assert again == []  # no trial ran
     rewritten = json.loads(summary_path.read_text())
     assert rewritten["fp"]["config"] == written["fp"]["config"] and rewritten["fp"]["trials"] == 2
+    before = summary_path.read_bytes()
+    tuning.search(fp_grid(1e-3, 2e-3), data_dir=synthetic_mnist, out_dir=tmp_path, log=lambda _: None, **BUDGET)
+    assert summary_path.read_bytes() == before  # nothing changed: not rewritten, the time stamp stays
