@@ -61,6 +61,11 @@ def project_ternary(v: torch.Tensor):
     return codes, alpha, delta
 
 
+def admm_phase_steps(total_steps: int, finetune_frac: float) -> int:
+    """Optimizer steps before the frozen-code fine-tune (the last int(finetune_frac * total_steps))."""
+    return total_steps - int(finetune_frac * total_steps)
+
+
 def round_interval(phase_steps: int, rounds: int) -> int:
     """Optimizer steps between ADMM rounds: floor(phase_steps / rounds), at least 1. Rounds happen at steps
     interval, 2 * interval, ..., rounds * interval of the phase (46 rounds over the default run's 2,322-step

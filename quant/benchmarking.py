@@ -283,7 +283,7 @@ def default_admm_interval(n_images: int) -> int:
     config = default_config("admm")
     hp = config["hyperparams"]
     total = config["epochs"] * steps_per_epoch(n_images, config["batch_size"])
-    return admm.round_interval(total - int(hp["finetune_frac"] * total), hp["admm_rounds"])
+    return admm.round_interval(admm.admm_phase_steps(total, hp["finetune_frac"]), hp["admm_rounds"])
 
 
 def quantizer_overhead(iterations: int, repeats: int, admm_interval: int, device="cpu") -> dict:

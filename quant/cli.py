@@ -120,7 +120,8 @@ def add_train_args(parser):
     group.add_argument("--scale-lr", "--scale_lr", type=positive_float, default=None,
                        help="TTQ: lr multiplier for w_p, w_n (default 1.0, as the official code)")
     group.add_argument("--warmup-frac", "--warmup_frac", type=unit_fraction, default=None,
-                       help="TTQ: first fraction of steps trained in full precision, then ternary; 0 = off (default 0.3)")
+                       help="TTQ: first fraction of steps trained in full precision, then ternary; 0 = off "
+                            f"(default {HYPERPARAMS['ttq']['warmup_frac']})")
     group.add_argument("--rho", type=positive_float, default=None, help="ADMM: initial penalty rho (default 1e-4)")
     group.add_argument("--rho-growth", "--rho_growth", type=positive_float, default=None,
                        help="ADMM: rho multiplier per ADMM round (default 1.2)")

@@ -155,7 +155,7 @@ class ADMM(Method):
             return
         if self.hparams["penalty"] == "prox":
             self.state.prox_step()
-        phase_steps = total_steps - int(self.hparams["finetune_frac"] * total_steps)
+        phase_steps = admm.admm_phase_steps(total_steps, self.hparams["finetune_frac"])
         interval = admm.round_interval(phase_steps, self.hparams["admm_rounds"])
         if step >= phase_steps and phase_steps < total_steps:
             self._freeze(model)

@@ -130,10 +130,11 @@ def _boolean(value, key):
 
 # Every tunable key and the check that normalises one value (a string from --set, or a JSON value).
 # batch_size >= 2 because BatchNorm cannot train on a batch of one.
-CHECKS = {"lr": _positive, "batch_size": _int_at_least(2), "schedule": _choice(SCHEDULES, "a schedule"), "weight_decay": _non_negative,
-          "shift": _int_at_least(0),
-          "delta_factor": _unit_open, "per_channel": _boolean, "t": _unit_open, "scale_lr": _positive, "warmup_frac": _unit_fraction, "rho": _positive,
-          "rho_growth": _positive, "admm_rounds": _int_at_least(1), "finetune_frac": _unit_fraction,
+CHECKS = {"lr": _positive, "batch_size": _int_at_least(2), "schedule": _choice(SCHEDULES, "a schedule"),
+          "weight_decay": _non_negative, "shift": _int_at_least(0),
+          "delta_factor": _unit_open, "per_channel": _boolean,
+          "t": _unit_open, "scale_lr": _positive, "warmup_frac": _unit_fraction,
+          "rho": _positive, "rho_growth": _positive, "admm_rounds": _int_at_least(1), "finetune_frac": _unit_fraction,
           "penalty": _choice(PENALTIES, "an ADMM penalty")}
 
 
@@ -338,12 +339,15 @@ def record_trial(out_dir, record: dict) -> list[dict]:
     return doc["trials"]
 
 
+def _undated(entry: dict | None) -> dict:
+    return {k: v for k, v in (entry or {}).items() if k != "updated"}
+
+
 def _write_summary(summary_path: Path, mode: str, trials: list[dict], budget: dict) -> None:
     with locked(summary_path):
         summary = _read_json(summary_path, {})
         entry = summarize(trials, budget)
-        undated = lambda e: {k: v for k, v in (e or {}).items() if k != "updated"}  # noqa: E731
-        if entry is not None and undated(entry) != undated(summary.get(mode)):  # unchanged: keep file and time stamp
+        if entry is not None and _undated(entry) != _undated(summary.get(mode)):  # unchanged: keep file and time stamp
             summary[mode] = entry
             summary = {m: summary[m] for m in [*METHODS, *summary] if m in summary}
             atomic_write_json(summary_path, summary)
