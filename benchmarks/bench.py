@@ -4,7 +4,7 @@ What is measured and how: quant/benchmarking.py. Run it on an otherwise idle mac
 load average before and after); the full run trains one 55,000-image epoch per mode plus one naive epoch.
 
 Example:
-    python benchmarks/bench.py --data-dir ../shared/mnist                                 # ~5 min on 2 cores
+    python benchmarks/bench.py --data-dir ../shared/mnist                                 # ~7 min on 2 cores
     python benchmarks/bench.py --quick --data-dir ../shared/mnist --out /tmp/bench.json   # a few seconds
 """
 import argparse
@@ -35,8 +35,8 @@ def parse_args():
                         help=f"a smoke run: {QUICK_TRAIN_IMAGES} training images per epoch, 1,000 validation and test "
                              "images, few repeats (numbers are not meaningful)")
     parser.add_argument("--rounds", type=positive_int, default=None,
-                        help="interleaved repetitions of every timed pipeline, each keeping its fastest "
-                             "(default: 3; --quick: 1)")
+                        help="interleaved repetitions of every timed pipeline; tables keep the fastest round, "
+                             "ratios are the median of the rounds' own ratios (default: 5; --quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the whole run (default: torch's default)")
     parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,

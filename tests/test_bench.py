@@ -59,6 +59,8 @@ def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
     for name, ratio in bench["ratios"].items():
         assert isinstance(ratio["pass"], bool) and ratio["bar"] == benchmarking.BARS[name][1]
         assert name in result.stdout  # the printed table names every ratio
+        if name != "packed_over_fp_inference":  # the training ratios: one per round, and their median
+            assert len(ratio["per_round"]) == 2 and "from_fastest_rounds" in ratio
 
 
 def fake_results(floor_img_s=1000.0, fp_img_s=950.0, twn_ms=11.0, naive_img_s=500.0, packed=900.0, fp_model=1000.0):
@@ -79,6 +81,25 @@ def test_ratios_are_time_over_time_against_their_bars():
     # each bar fails on the wrong side
     bad = benchmarking.ratios(fake_results(fp_img_s=800.0, twn_ms=13.0, naive_img_s=700.0, packed=700.0), 128)
     assert not any(ratio["pass"] for ratio in bad.values())
+
+
+def test_training_ratios_are_the_median_of_each_rounds_own_ratios():
+    # three rounds on a drifting machine: round 2 ran everything 30 % slower, round 3 had a slow naive epoch
+    rounds = [fake_results(floor_img_s=1000.0, fp_img_s=950.0, naive_img_s=700.0),
+              fake_results(floor_img_s=700.0, fp_img_s=665.0, naive_img_s=490.0),
+              fake_results(floor_img_s=1000.0, fp_img_s=950.0, naive_img_s=600.0)]
+    per_round = [benchmarking.training_ratios(r["floor"], r["real_epoch"], r["naive"], 128) for r in rounds]
+    fastest = fake_results(floor_img_s=1000.0, fp_img_s=950.0, naive_img_s=700.0)  # each pipeline's fastest round
+    r = benchmarking.ratios(fastest, 128, per_round)
+    assert r["naive_over_real"]["per_round"] == pytest.approx([950 / 700, 665 / 490, 950 / 600])
+    assert r["naive_over_real"]["value"] == pytest.approx(950 / 700)  # the median round
+    assert r["naive_over_real"]["from_fastest_rounds"] == pytest.approx(950 / 700)
+    assert r["fp_epoch_over_floor"]["value"] == pytest.approx(1000 / 950)
+    assert r["ternary_step_over_fp_step"]["value"] == {"twn": pytest.approx(1.1)}  # per mode
+    assert r["packed_over_fp_inference"]["value"] == pytest.approx(0.9) and "per_round" not in r["packed_over_fp_inference"]
+    # the median, not the mean nor the best round, decides the bar
+    low = [{**ratio, "naive_over_real": v} for ratio, v in zip(per_round, (1.2, 1.29, 1.9))]
+    assert not benchmarking.ratios(fastest, 128, low)["naive_over_real"]["pass"]
 
 
 def test_keep_fastest_keeps_the_higher_throughput_and_counts_rounds():
