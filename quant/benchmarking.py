@@ -401,7 +401,8 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
     device = torch.device(device)
     repeats = 2 if quick else 5
     rounds = rounds or (1 if quick else 5)
-    results = {"quick": quick, "machine": machine_info(device), "rounds": rounds, "floor": {}, "real_epoch": {}}
+    results = {"quick": quick, "machine": machine_info(device), "rounds": rounds, "floor": {}, "real_epoch": {},
+               "per_round_ms_per_step": []}
     # A shared machine drifts by 10-20 % over minutes. Every timed pipeline runs once per round and the rounds
     # interleave them; the tables keep each pipeline's fastest round (the least-disturbed run), and each ratio
     # is formed within a round, then the median over rounds taken. Ratios of fastest rounds taken minutes apart
@@ -423,6 +424,9 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
                 this["naive"] = naive_epoch(data_dir, train_batch_size, val_size, seed, train_subset, device)
                 keep_fastest(results, "naive", this["naive"])
         per_round.append(training_ratios(this["floor"], this["real_epoch"], this["naive"], train_batch_size))
+        results["per_round_ms_per_step"].append({
+            "floor": {bs: t["ms_per_step"] for bs, t in this["floor"].items()}, "naive": this["naive"]["ms_per_step"],
+            "real_epoch": {mode: t["ms_per_step"] for mode, t in this["real_epoch"].items()}})
     if results["naive"]["images"] != len(data.train_y):
         raise ValueError(f"the naive pipeline saw {results['naive']['images']} training images, the real one "
                          f"{len(data.train_y)}: pass the val_size / train_subset that loaded `data`")

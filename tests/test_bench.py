@@ -10,7 +10,8 @@ from conftest import call_script
 from quant import benchmarking
 from quant.methods import METHODS
 
-SECTIONS = {"quick", "machine", "rounds", "floor", "real_epoch", "naive", "evaluate", "deployment", "quantizers", "ratios"}
+SECTIONS = {"quick", "machine", "rounds", "floor", "real_epoch", "naive", "evaluate", "deployment", "quantizers", "ratios",
+            "per_round_ms_per_step"}
 
 
 def positive(value) -> bool:
@@ -26,6 +27,9 @@ def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
     assert set(bench) == SECTIONS and bench["quick"] is True
     assert bench["rounds"] == 2 and bench["naive"]["rounds_measured"] == 2  # every timed pipeline, every round
     assert all(t["rounds_measured"] == 2 for t in [*bench["floor"].values(), *bench["real_epoch"].values()])
+    assert len(bench["per_round_ms_per_step"]) == 2  # each round's own timings, from which its ratios are formed
+    for round_ in bench["per_round_ms_per_step"]:
+        assert set(round_["real_epoch"]) == set(METHODS) and positive(round_["naive"]) and set(round_["floor"]) == {"64", "128"}
     machine = bench["machine"]
     assert machine["cpu"] and positive(machine["logical_cpus"]) and positive(machine["torch_threads"])
     assert machine["torch"] and len(machine["load_average_before"]) == 3 and len(machine["load_average_after"]) == 3
