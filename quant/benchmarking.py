@@ -15,7 +15,7 @@
 An epoch's `loop_seconds` is its steps only: the history row's seconds minus a separately timed validation
 pass over the same split; `epoch_seconds` is the whole train() call. Ratios are of seconds per image (or
 per step), so "x over floor" = 1.05 means 5 % slower than the floor. Every timing is time.perf_counter after
-a warm-up; cheap ones are the median of repeats, full epochs run once each.
+a warm-up; cheap ones are the median of repeats, floor passes and full epochs run once per round.
 
 Every timed pipeline runs once per round. The throughput tables keep each pipeline's fastest round; each
 training ratio is formed within every round, from measurements taken a minute apart at most, and the
