@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from quant import benchmarking  # noqa: E402
-from quant.cli import ArgumentParser, positive_int, run_main, seed_everything  # noqa: E402
+from quant.cli import ArgumentParser, format_table, positive_int, run_main, seed_everything  # noqa: E402
 from quant.files import atomic_write_json  # noqa: E402
 
 
@@ -35,9 +35,9 @@ def main():
     seed_everything(args.seed)
     x, y = torch.randn(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
     rows = benchmarking.profile_floor(x, y, args.steps, args.top)
-    print(f"{'operator':>45}  {'calls/step':>10}  {'ms/step':>8}  {'share':>6}")
-    for row in rows:
-        print(f"{row['op']:>45}  {row['calls_per_step']:>10.1f}  {row['ms_per_step']:>8.2f}  {100 * row['share']:>5.1f}%")
+    print(format_table([{**row, "percent": 100 * row["share"]} for row in rows],
+                       [("op", "operator", ""), ("calls_per_step", "calls/step", ".1f"), ("ms_per_step", "ms/step", ".2f"),
+                        ("percent", "share %", ".1f")]))
     atomic_write_json(args.out, {"batch_size": args.batch_size, "steps": args.steps, "torch_threads": torch.get_num_threads(),
                                  "machine": benchmarking.machine_info("cpu"), "operators": rows})
     print(f"wrote {args.out}")
