@@ -8,7 +8,7 @@
     naive        torchvision.datasets.MNIST + DataLoader(num_workers=0) + ToTensor/Normalize, same model,
                  optimizer, batch size and training images, one epoch
     evaluate     quant.engine.evaluate on the test set (batches of 1,000)
-    deployment   pack / unpack / load_inference of the 2-bit and base-3 files; inference from the packed file
+    deployment   pack / unpack / load_inference per encoding (2-bit, base-3, entropy); inference from the packed file
                  vs the FP model (quant.export.rebuild_model of an FP export) over the test set
     quantizers   per-step cost of each method's own work on the four layers, in ms
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from . import admm
 from .data import MEAN, STD, MNIST, find_idx_file, split_indices
 from .deploy_format import load_inference, pack, unpack
+from .packing import ENCODINGS
 from .engine import evaluate, make_optimizer, steps_per_epoch, train
 from .export import rebuild_model
 from .methods import HYPERPARAMS, METHODS, get_method
@@ -47,7 +48,6 @@ from .runs import default_config
 from .ttq import TTQQuantizer
 from .twn import TWNQuantizer
 
-ENCODINGS = ("2bit", "base3")
 # name -> (how the measured value is formed, bar, "max" if the value must stay at or below the bar else "min")
 BARS = {
     "fp_epoch_over_floor": ("FP real epoch s/img / floor s/img (steps only)", 1.10, "max"),

@@ -1,32 +1,20 @@
 """The deployment file: one self-contained, checksummed binary holding a ternary LeNet-5 ready to run.
 
-Layout (integers little-endian):
+docs/deployment_format.md is the specification (every field, the code blocks bit by bit, the semantics of
+each op, the reader's limits, a worked example); this module writes and reads it. The layout:
 
     offset      size  field
     0           8     magic b"TERNLNT\\0"
-    8           2     uint16 format version (VERSION = 1)
-    10          4     uint32 manifest length M
-    14          M     manifest, compact UTF-8 JSON, zlib-compressed (RFC 1950; ~1.8 KB -> ~0.6 KB)
-    14 + M      P     payload, P = manifest["payload_bytes"]
+    8           2     uint16 format version (VERSION = 2), little-endian like every integer here
+    10          4     uint32 M, the length of the *compressed* manifest
+    14          M     manifest: UTF-8 JSON, zlib-compressed (RFC 1950)
+    14 + M      P     payload, P = manifest["payload_bytes"]; block offsets count from its first byte
     14 + M + P  32    SHA-256 of bytes [0, 14 + M + P)
 
-`unpack` checks magic, version, digest and exact length, then that the manifest's blocks tile the payload
-with lengths matching their shapes, that the network refers only to stored tensors, and that the codes
-decode; any failure raises DeployFormatError (a ValueError), so a damaged file is never mis-decoded.
-
-Manifest keys:
-    encoding       "2bit" | "base3"   code maps and bit order in quant/packing.py
-    bn_folded      bool               True: BatchNorm is folded into the preceding layer (no batch_norm ops)
-    input_shape    [1, 28, 28]
-    payload_bytes  P
-    ternary        [{name, shape, offset, length, w_p, w_n}]  a packed code block; w_p / w_n name fp32 float
-                   blocks of 1 or shape[0] values; weight = w_p * [T = +1] - w_n * [T = -1] (TTQ Eq. 6)
-    float          [{name, shape, dtype "fp32" | "fp16", offset, length}]  scales, biases, BN, FP-kept weights
-    network        ordered ops, e.g. {"op": "conv2d", "weight": "conv1.weight", "bias": "conv1.bias"}, {"op": "relu"}
-    metadata       free-form provenance (checkpoint, mode, ...)
-
-Scales are always stored fp32 (a few hundred bytes; they multiply every weight); `float_dtype` applies to
-the rest. BatchNorm's num_batches_tracked is not stored (eval-mode BN never reads it).
+The manifest names the encoding of the ternary codes (quant/packing.py), the input normalisation, every
+tensor block (name, C-order shape, offset, length; floats little-endian IEEE 754) and the network as a list
+of ops. A ternary weight is w_p [T = +1] - w_n [T = -1] (TTQ, arXiv 1612.01064, Eq. 6); where w_p = w_n
+(TWN, ADMM) both name one block.
 
 BN folding (eval-mode BN uses running statistics; eps = 1e-5, PyTorch's default):
     BN(y) = gamma * (y - mean) / sqrt(var + eps) + beta = s * y + t,   s = gamma / sqrt(var + eps),  t = beta - s * mean
@@ -36,11 +24,17 @@ swapped, w_p' = |s| w_n, w_n' = |s| w_p, which is the same weight (s W = |s| (w_
 and keeps w_p, w_n the magnitudes they are in the export. Negation is exact in floating point, so the folded
 weight equals round(s * W) element for element. An FP-kept conv folds into its weight: W' = s W.
 
-The loader (`unpack`, `load_inference`) uses only this file, torch and numpy: it imports no model code.
+Reading trusts nothing: `unpack` bounds the file size, checks the magic and then the SHA-256 before it reads
+any other field, then the version; it inflates at most MAX_MANIFEST_BYTES of manifest, rejects NaN and
+infinities, checks every key and type, bounds every dimension and product in Python integers before any
+allocation, and follows the network's shapes op by op down to [N, 10] logits. Any failure raises
+DeployFormatError (a ValueError) with a one-line message. The loader (`unpack`, `load_inference`) uses only
+this file, quant/packing.py, torch and numpy: it imports no model code.
 """
 import functools
 import hashlib
 import json
+import math
 import os
 import struct
 import zlib
@@ -50,15 +44,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .packing import PackingError, entropy_bits, get_codec, nbytes_2bit, nbytes_base3
+from .packing import PackingError, get_codec
 
 MAGIC = b"TERNLNT\0"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<8sHI")  # magic, version, manifest length
 _DIGEST_BYTES = 32  # SHA-256
 FLOAT_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2")}
 BN_EPS = 1e-5
 INPUT_SHAPE = [1, 28, 28]
+NUM_CLASSES = 10
+# Reader limits (LeNet-5's file is ~0.1 MB, 0.58 M elements, 12 ops, a ~2 KB manifest).
+MAX_FILE_BYTES = 1 << 24
+MAX_MANIFEST_BYTES = 1 << 16  # inflated
+MAX_DIM = 1 << 16  # any one dimension
+MAX_ELEMENTS = 1 << 22  # one tensor, all stored tensors together, any activation
+MAX_OPS = 64
 
 # LeNet5.forward (quant/model.py) written as data; tests check it computes the same logits as the model.
 LENET5_NETWORK = (
@@ -77,10 +78,11 @@ LENET5_NETWORK = (
     {"op": "relu"},
     {"op": "linear", "weight": "fc2.weight", "bias": "fc2.bias"},
 )
-# tensor fields and scalar parameters of each op (a None bias is allowed for conv2d / linear)
+# tensor fields and scalar parameters of each op (a null bias is allowed for conv2d / linear)
 _OP_TENSORS = {"conv2d": ("weight", "bias"), "linear": ("weight", "bias"),
                "batch_norm": ("weight", "bias", "running_mean", "running_var"),
                "relu": (), "max_pool2d": (), "flatten": ()}
+_OP_SCALARS = {"batch_norm": ("eps",), "max_pool2d": ("kernel_size",)}
 
 
 class DeployFormatError(ValueError):
@@ -150,17 +152,76 @@ def _tensor_names(network) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def trace_shapes(network, input_shape, shape_of) -> list:
+    """Shapes (without N) entering each op and leaving the last: [input, after op 0, ...].
+
+    `shape_of(name)` gives a tensor's shape. Raises DeployFormatError at the first op whose tensors do not
+    fit its input (stride 1 / no padding convs, pool stride = kernel, flatten of [C, H, W], x W^T + b). Only
+    Python integers are involved, so no product can overflow.
+    """
+    shapes = [list(input_shape)]
+    for i, op in enumerate(network):
+        shape, kind = shapes[-1], op["op"]
+
+        def fail(message):
+            raise DeployFormatError(f"network op {i} ({kind}): {message}")
+
+        def vector(key, length):
+            if op.get(key) is not None and shape_of(op[key]) != [length]:
+                fail(f"{key} {op[key]!r} has shape {shape_of(op[key])}, expected [{length}]")
+
+        if kind == "conv2d":
+            w = shape_of(op["weight"])
+            if len(shape) != 3 or len(w) != 4 or w[1] != shape[0] or w[2] > shape[1] or w[3] > shape[2]:
+                fail(f"weight {w} does not fit an input of shape {shape}")
+            vector("bias", w[0])
+            shape = [w[0], shape[1] - w[2] + 1, shape[2] - w[3] + 1]
+        elif kind == "linear":
+            w = shape_of(op["weight"])
+            if len(shape) != 1 or len(w) != 2 or w[1] != shape[0]:
+                fail(f"weight {w} does not fit an input of shape {shape}")
+            vector("bias", w[0])
+            shape = [w[0]]
+        elif kind == "batch_norm":
+            for key in _OP_TENSORS["batch_norm"]:
+                vector(key, shape[0])
+        elif kind == "max_pool2d":
+            k = op["kernel_size"]
+            if len(shape) != 3 or k > shape[1] or k > shape[2]:
+                fail(f"kernel {k} does not fit an input of shape {shape}")
+            shape = [shape[0], shape[1] // k, shape[2] // k]
+        elif kind == "flatten":
+            shape = [math.prod(shape)]
+        if math.prod(shape) > MAX_ELEMENTS:
+            fail(f"activation of shape {shape} exceeds {MAX_ELEMENTS} elements")
+        shapes.append(shape)
+    return shapes
+
+
+def code_patches(network, input_shape, shape_of) -> dict:
+    """{weight name: (H, W)}: the patch each row of a layer's codes splits into for the entropy code's contexts.
+
+    A conv's kernel (kh, kw); a linear layer right after a flatten of [C, H, W] reads C maps of H x W; any
+    other linear layer (1, 1).
+    """
+    shapes, patches = trace_shapes(network, input_shape, shape_of), {}
+    for i, op in enumerate(network):
+        if op["op"] == "conv2d":
+            patches[op["weight"]] = tuple(shape_of(op["weight"])[2:])
+        elif op["op"] == "linear":
+            before = shapes[i - 1] if i and network[i - 1]["op"] == "flatten" else []
+            patches[op["weight"]] = tuple(before[1:]) if len(before) == 3 else (1, 1)
+    return patches
+
+
 # ---------------------------------------------------------------- writing
 
-def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype: str = "fp32",
-         metadata: dict | None = None) -> bytes:
-    """Serialise an export (quant/export.py) as a deployment file (layout in the module docstring)."""
-    try:
-        codec = get_codec(encoding)
-    except PackingError as e:
-        raise DeployFormatError(str(e)) from None
-    if float_dtype not in FLOAT_DTYPES:
-        raise DeployFormatError(f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
+def deployed_layers(export: dict, fold_bn: bool = True) -> tuple[dict, list]:
+    """The export and network as they are stored: BN folded (if asked) and checked against LeNet-5.
+
+    Returns ({"ternary": ..., "float": ...}, network ops). Raises DeployFormatError if the export lacks a tensor
+    the network reads, has a ternary layer the network does not have, or mis-sized scales.
+    """
     network = [dict(op) for op in LENET5_NETWORK]
     weight_layers = _weight_layers(network)
     is_ternary = lambda name: weight_layers.get(name) in export["ternary"]
@@ -175,8 +236,25 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
     unused = set(export["ternary"]) - set(weight_layers.values())
     if unused:
         raise DeployFormatError(f"cannot pack: ternary layers {sorted(unused)} are not in the LeNet-5 network")
-    if fold_bn:
-        export, network = fold_batch_norm(export, network)
+    return fold_batch_norm(export, network) if fold_bn else (export, network)
+
+
+def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype: str = "fp32",
+         metadata: dict | None = None) -> bytes:
+    """Serialise an export (quant/export.py) as a deployment file (docs/deployment_format.md)."""
+    from .data import MEAN, STD  # the writer states the normalisation; the reader takes it from the file
+
+    try:
+        codec = get_codec(encoding)
+    except PackingError as e:
+        raise DeployFormatError(str(e)) from None
+    if float_dtype not in FLOAT_DTYPES:
+        raise DeployFormatError(f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
+    export, network = deployed_layers(export, fold_bn)
+    weight_layers = _weight_layers(network)
+    ternary_of = lambda name: export["ternary"].get(weight_layers.get(name))
+    shape_of = lambda name: list((ternary_of(name) or {}).get("codes", export["float"].get(name)).shape)
+    patches = code_patches(network, INPUT_SHAPE, shape_of)
     ternary, floats, blocks = [], [], []
     offset = 0
 
@@ -194,20 +272,23 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
         add(floats, {"name": name, "shape": list(array.shape), "dtype": dtype}, array.tobytes())
 
     for name in _tensor_names(network):
-        if is_ternary(name):
-            layer = weight_layers[name]
-            entry = export["ternary"][layer]
-            codes = entry["codes"]
-            try:
-                block = codec.encode(codes)
-            except PackingError as e:
-                raise DeployFormatError(f"cannot pack {layer}: {e}") from None
-            add(ternary, {"name": name, "shape": list(codes.shape), "w_p": f"{layer}.w_p", "w_n": f"{layer}.w_n"}, block)
-            add_float(f"{layer}.w_p", entry["w_p"].reshape(-1), "fp32")
-            add_float(f"{layer}.w_n", entry["w_n"].reshape(-1), "fp32")
-        else:
+        entry = ternary_of(name)
+        if entry is None:
             add_float(name, export["float"][name], float_dtype)
-    manifest = {"encoding": encoding, "bn_folded": bool(fold_bn), "input_shape": INPUT_SHAPE,
+            continue
+        layer = weight_layers[name]
+        try:
+            block = codec.encode(entry["codes"], patches[name])
+        except PackingError as e:
+            raise DeployFormatError(f"cannot pack {layer}: {e}") from None
+        # scales stay fp32 whatever float_dtype says: they multiply every weight of their channel
+        scales = {"w_p": f"{layer}.alpha", "w_n": f"{layer}.alpha"} if torch.equal(entry["w_p"], entry["w_n"]) else \
+                 {"w_p": f"{layer}.w_p", "w_n": f"{layer}.w_n"}
+        add(ternary, {"name": name, "shape": list(entry["codes"].shape), **scales}, block)
+        for key in dict.fromkeys(scales.values()):
+            add_float(key, entry["w_p" if key == scales["w_p"] else "w_n"].reshape(-1), "fp32")
+    manifest = {"encoding": encoding, "bn_folded": bool(fold_bn),
+                "input": {"shape": INPUT_SHAPE, "divisor": 255.0, "mean": [MEAN], "std": [STD]},
                 "payload_bytes": offset, "ternary": ternary, "float": floats, "network": network,
                 "metadata": metadata or {}}
     return seal(manifest, b"".join(blocks))
@@ -215,7 +296,8 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
 
 def seal(manifest: dict, payload: bytes) -> bytes:
     """Header + manifest + payload + SHA-256 trailer."""
-    body = zlib.compress(json.dumps(manifest, separators=(",", ":"), allow_nan=False, default=str).encode("utf-8"), 9)
+    text = json.dumps(manifest, separators=(",", ":"), allow_nan=False, default=str)
+    body = zlib.compress(text.encode("utf-8"), 9)
     data = _HEADER.pack(MAGIC, VERSION, len(body)) + body + payload
     return data + hashlib.sha256(data).digest()
 
@@ -228,118 +310,206 @@ def unpack(data: bytes) -> tuple[dict, dict]:
     Codes come back as int8 tensors of their layer's shape, floats in their stored dtype (fp32 or fp16).
     """
     data = bytes(data)
-    if len(data) < _HEADER.size + _DIGEST_BYTES:
-        raise DeployFormatError(f"{len(data)} bytes is too short for a ternary deployment file")
+    if not _HEADER.size + _DIGEST_BYTES <= len(data) <= MAX_FILE_BYTES:
+        raise DeployFormatError(f"{len(data)} bytes is not the size of a ternary deployment file "
+                                f"({_HEADER.size + _DIGEST_BYTES} to {MAX_FILE_BYTES})")
     magic, version, manifest_len = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise DeployFormatError(f"bad magic {magic!r} (expected {MAGIC!r}): not a ternary deployment file")
+    if hashlib.sha256(data[:-_DIGEST_BYTES]).digest() != data[-_DIGEST_BYTES:]:
+        raise DeployFormatError(f"SHA-256 mismatch over {len(data)} bytes: the file is corrupt, truncated or extended")
     if version > VERSION:
         raise DeployFormatError(f"format version {version} is newer than this reader (version {VERSION}); "
                                 "update the code to read it")
     if version != VERSION:
-        raise DeployFormatError(f"unsupported format version {version} (this reader handles {VERSION})")
-    if hashlib.sha256(data[:-_DIGEST_BYTES]).digest() != data[-_DIGEST_BYTES:]:
-        raise DeployFormatError(f"SHA-256 mismatch over {len(data)} bytes: the file is corrupt, truncated or extended")
+        raise DeployFormatError(f"format version {version} is no longer read (this reader handles {VERSION}); "
+                                "pack the checkpoint again")
     start = _HEADER.size + manifest_len
     if start > len(data) - _DIGEST_BYTES:
         raise DeployFormatError(f"manifest length {manifest_len} runs past the end of the file")
-    try:
-        manifest = json.loads(zlib.decompress(data[_HEADER.size:start]).decode("utf-8"))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DeployFormatError(f"manifest is not zlib-compressed UTF-8 JSON ({e})") from None
+    manifest = parse_manifest(data[_HEADER.size:start])
     payload = data[start:-_DIGEST_BYTES]
-    _check_manifest(manifest, len(payload))
+    records = _check_manifest(manifest, len(payload))
     codec = get_codec(manifest["encoding"])
     tensors = {}
     for rec in manifest["ternary"]:
-        block = payload[rec["offset"]:rec["offset"] + rec["length"]]
         try:
-            codes = codec.decode(block, _numel(rec["shape"]))
+            codes = codec.decode(payload[rec["offset"]:rec["offset"] + rec["length"]], tuple(rec["shape"]))
         except PackingError as e:
             raise DeployFormatError(f"{rec['name']}: {e}") from None
-        tensors[rec["name"]] = torch.from_numpy(codes.copy()).reshape(rec["shape"])
+        tensors[rec["name"]] = torch.from_numpy(codes.copy())
     for rec in manifest["float"]:
-        array = np.frombuffer(payload, FLOAT_DTYPES[rec["dtype"]], _numel(rec["shape"]), rec["offset"])
+        array = np.frombuffer(payload, FLOAT_DTYPES[rec["dtype"]], math.prod(rec["shape"]), rec["offset"])
         if not np.isfinite(array).all():
             raise DeployFormatError(f"{rec['name']}: non-finite values")
         tensors[rec["name"]] = torch.from_numpy(array.copy()).reshape(rec["shape"])
+    assert tensors.keys() == records.keys()
     return manifest, tensors
 
 
-def _numel(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+def _reject_constant(name):
+    raise ValueError(f"non-finite number {name}")
 
 
-def _is_int(value, minimum: int = 0) -> bool:
-    return type(value) is int and value >= minimum
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows a double")
+    return value
 
 
-def _lookup(table: dict, key):
-    """table[key] if key is a string present in table, else None (manifest values may be any JSON)."""
-    return table.get(key) if isinstance(key, str) else None
+def parse_manifest(body: bytes):
+    """zlib-inflate (at most MAX_MANIFEST_BYTES) and parse the manifest JSON, rejecting NaN and infinities."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(body, MAX_MANIFEST_BYTES + 1)
+    except zlib.error as e:
+        raise DeployFormatError(f"manifest is not zlib-compressed ({e})") from None
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise DeployFormatError(f"manifest inflates past {MAX_MANIFEST_BYTES} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise DeployFormatError("manifest's zlib stream is truncated or followed by other bytes")
+    try:
+        return json.loads(text.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise DeployFormatError("manifest JSON is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, non-finite numbers, over-long integers
+        raise DeployFormatError(f"manifest is not valid UTF-8 JSON with finite numbers ({str(e).splitlines()[0]})") from None
 
 
-def _check_manifest(manifest, payload_len: int) -> None:
-    """Raise DeployFormatError unless the manifest describes exactly this payload and a runnable network."""
+def _is_int(value, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _is_number(value) -> bool:  # parse_manifest has already made every float finite
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _check_manifest(manifest, payload_len: int) -> dict:
+    """Raise DeployFormatError unless the manifest describes exactly this payload and a runnable network.
+
+    Returns {name: record} of every stored block.
+    """
     def fail(message):
         raise DeployFormatError(f"bad manifest: {message}")
 
-    if not isinstance(manifest, dict):
-        fail("not a JSON object")
-    for key, kind in (("encoding", str), ("bn_folded", bool), ("input_shape", list), ("ternary", list),
-                      ("float", list), ("network", list)):
-        if not isinstance(manifest.get(key), kind):
-            fail(f"missing or mistyped {key!r}")
-    if not _is_int(manifest.get("payload_bytes")):
-        fail("missing or mistyped 'payload_bytes'")
-    if manifest["encoding"] not in ("2bit", "base3"):
-        fail(f"unknown encoding {manifest['encoding']!r}")
-    if manifest["payload_bytes"] != payload_len:
-        fail(f"payload_bytes {manifest['payload_bytes']} but the file holds {payload_len} payload bytes")
-    if not (len(manifest["input_shape"]) == 3 and all(_is_int(d, 1) for d in manifest["input_shape"])):
-        fail(f"input_shape {manifest['input_shape']} is not [C, H, W]")
-    codec = get_codec(manifest["encoding"])
-    records = {}
-    for kind in ("ternary", "float"):
+    def check_keys(obj, keys: set, what: str):
+        if not isinstance(obj, dict) or set(obj) != keys:
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            fail(f"{what} must be an object with keys {sorted(keys)}, got {str(got):.200}")
+
+    check_keys(manifest, {"encoding", "bn_folded", "input", "payload_bytes", "ternary", "float", "network",
+                          "metadata"}, "the manifest")
+    try:
+        codec = get_codec(manifest["encoding"]) if isinstance(manifest["encoding"], str) else None
+    except PackingError:
+        codec = None
+    if codec is None:
+        fail(f"unknown encoding {str(manifest['encoding']):.100}")
+    if type(manifest["bn_folded"]) is not bool:
+        fail("bn_folded must be true or false")
+    if manifest["payload_bytes"] != payload_len or type(manifest["payload_bytes"]) is not int:
+        fail(f"payload_bytes {str(manifest['payload_bytes']):.40} but the file holds {payload_len} payload bytes")
+    if not (isinstance(manifest["metadata"], dict) and all(
+            v is None or type(v) in (str, int, float, bool) for v in manifest["metadata"].values())):
+        fail("metadata must be an object of strings, numbers, booleans or nulls")
+    spec = manifest["input"]
+    check_keys(spec, {"shape", "divisor", "mean", "std"}, "input")
+    if not (isinstance(spec["shape"], list) and len(spec["shape"]) == 3
+            and all(_is_int(d, 1, MAX_DIM) for d in spec["shape"]) and math.prod(spec["shape"]) <= MAX_ELEMENTS):
+        fail(f"input shape {str(spec['shape']):.100} is not [C, H, W] of at most {MAX_ELEMENTS} elements")
+    channels = spec["shape"][0]
+    if not (_is_number(spec["divisor"]) and spec["divisor"] > 0):
+        fail("input divisor must be a number > 0")
+    for key in ("mean", "std"):
+        if not (isinstance(spec[key], list) and len(spec[key]) == channels and all(map(_is_number, spec[key]))
+                and (key == "mean" or all(v > 0 for v in spec[key]))):
+            fail(f"input {key} must be {channels} number(s){' > 0' if key == 'std' else ''}")
+
+    records, total = {}, 0
+    for kind, keys in (("ternary", {"name", "shape", "offset", "length", "w_p", "w_n"}),
+                       ("float", {"name", "shape", "dtype", "offset", "length"})):
+        if not isinstance(manifest[kind], list):
+            fail(f"{kind} must be a list")
         for rec in manifest[kind]:
-            if not (isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("shape"), list)
-                    and rec["shape"] and all(_is_int(d, 1) for d in rec["shape"])
-                    and _is_int(rec.get("offset")) and _is_int(rec.get("length"))):
-                fail(f"malformed {kind} record {rec!r:.200}")
+            check_keys(rec, keys, f"a {kind} record")
+            if not (isinstance(rec["name"], str) and isinstance(rec["shape"], list) and 1 <= len(rec["shape"]) <= 4
+                    and all(_is_int(d, 1, MAX_DIM) for d in rec["shape"])
+                    and _is_int(rec["offset"], 0, payload_len) and _is_int(rec["length"], 0, payload_len)):
+                fail(f"malformed {kind} record {str(rec):.200}")
             if rec["name"] in records:
                 fail(f"tensor {rec['name']!r} stored twice")
-            if kind == "float" and _lookup(FLOAT_DTYPES, rec.get("dtype")) is None:
-                fail(f"{rec['name']}: unknown dtype {rec.get('dtype')!r}")
-            n = _numel(rec["shape"])
-            expected = codec.nbytes(n) if kind == "ternary" else n * FLOAT_DTYPES[rec["dtype"]].itemsize
+            n = math.prod(rec["shape"])
+            total += n
+            if n > MAX_ELEMENTS or total > MAX_ELEMENTS:
+                fail(f"{rec['name']}: more than {MAX_ELEMENTS} elements stored")
+            if kind == "float":
+                if not (isinstance(rec["dtype"], str) and rec["dtype"] in FLOAT_DTYPES):
+                    fail(f"{rec['name']}: unknown dtype {str(rec['dtype']):.40}")
+                expected = n * FLOAT_DTYPES[rec["dtype"]].itemsize
+            else:
+                expected = codec.nbytes(n) if codec.nbytes else rec["length"]  # a variable-length code checks itself
             if rec["length"] != expected:
                 fail(f"{rec['name']}: length {rec['length']} but shape {rec['shape']} needs {expected} bytes")
-            records[rec["name"]] = (kind, rec)
+            records[rec["name"]] = rec
     end = 0
-    for _, rec in sorted(records.values(), key=lambda kr: kr[1]["offset"]):
+    for rec in sorted(records.values(), key=lambda r: r["offset"]):
         if rec["offset"] != end:
             fail(f"{rec['name']}: offset {rec['offset']}, expected {end} (blocks must tile the payload)")
         end += rec["length"]
     if end != payload_len:
         fail(f"blocks cover {end} of {payload_len} payload bytes")
+
+    is_float = lambda name: isinstance(name, str) and name in records and "dtype" in records[name]
+    used = set()
     for rec in manifest["ternary"]:
         for key in ("w_p", "w_n"):
-            kind, scale = _lookup(records, rec.get(key)) or (None, None)
-            if kind != "float" or _numel(scale["shape"]) not in (1, rec["shape"][0]):
+            if not (is_float(rec[key]) and len(records[rec[key]]["shape"]) == 1
+                    and records[rec[key]]["shape"][0] in (1, rec["shape"][0])):
                 fail(f"{rec['name']}: {key} must name a float block of 1 or {rec['shape'][0]} values")
-    for op in manifest["network"]:
-        if not (isinstance(op, dict) and _lookup(_OP_TENSORS, op.get("op")) is not None):
-            fail(f"unknown op {op!r:.200}; valid: {', '.join(_OP_TENSORS)}")
-        for key in _OP_TENSORS[op["op"]]:
-            if not (key == "bias" and op.get(key) is None) and _lookup(records, op.get(key)) is None:
-                fail(f"op {op['op']} refers to missing tensor {op.get(key)!r}")
-        if op["op"] == "batch_norm" and not (isinstance(op.get("eps"), float) and op["eps"] > 0):
-            fail(f"batch_norm eps {op.get('eps')!r} is not a positive float")
-        if op["op"] == "max_pool2d" and not _is_int(op.get("kernel_size"), 1):
-            fail(f"max_pool2d kernel_size {op.get('kernel_size')!r} is not a positive int")
+            used.add(rec[key])
+    network = manifest["network"]
+    if not (isinstance(network, list) and 1 <= len(network) <= MAX_OPS):
+        fail(f"network must be a list of 1 to {MAX_OPS} ops")
+    for i, op in enumerate(network):
+        kind = op.get("op") if isinstance(op, dict) else None
+        if not (isinstance(kind, str) and kind in _OP_TENSORS):
+            fail(f"op {i}: unknown op {str(op):.100}; valid: {', '.join(_OP_TENSORS)}")
+        check_keys(op, {"op", *_OP_TENSORS[kind], *_OP_SCALARS.get(kind, ())}, f"op {i} ({kind})")
+        for key in _OP_TENSORS[kind]:
+            name = op[key]
+            if key == "bias" and name is None:
+                continue
+            if not (isinstance(name, str) and name in records):
+                fail(f"op {i} ({kind}) refers to missing tensor {str(name):.100}")
+            if "dtype" not in records[name] and not (key == "weight" and kind in ("conv2d", "linear")):
+                fail(f"op {i} ({kind}): {key} {name!r} is a ternary block; only conv2d / linear weights may be")
+            used.add(name)
+        if kind == "batch_norm" and not (_is_number(op["eps"]) and op["eps"] > 0):
+            fail(f"op {i}: batch_norm eps {str(op['eps']):.40} is not a number > 0")
+        if kind == "max_pool2d" and not _is_int(op["kernel_size"], 1, MAX_DIM):
+            fail(f"op {i}: max_pool2d kernel_size {str(op['kernel_size']):.40} is not an integer in 1..{MAX_DIM}")
+    if manifest["bn_folded"] and any(op["op"] == "batch_norm" for op in network):
+        fail("bn_folded is true but the network has batch_norm ops")
+    if set(records) - used:
+        fail(f"blocks {sorted(set(records) - used)} are read by nothing")
+    shapes = trace_shapes(network, spec["shape"], lambda name: records[name]["shape"])
+    if shapes[-1] != [NUM_CLASSES]:
+        raise DeployFormatError(f"network ends in shape [N, {', '.join(map(str, shapes[-1]))}], "
+                                f"not [N, {NUM_CLASSES}] logits")
+    return records
 
 
 # ---------------------------------------------------------------- inference
+
+def normalize(spec: dict, pixels) -> torch.Tensor:
+    """Raw pixels [N, C, H, W] -> the network's input, ((pixels / divisor) - mean[c]) / std[c] in float32."""
+    c = len(spec["mean"])
+    x = torch.as_tensor(pixels).float().div_(spec["divisor"])
+    if c == 1:  # the same scalar operations as quant/data.py, so the two agree bit for bit
+        return x.sub_(spec["mean"][0]).div_(spec["std"][0])
+    return x.sub_(torch.tensor(spec["mean"]).reshape(c, 1, 1)).div_(torch.tensor(spec["std"]).reshape(c, 1, 1))
+
 
 def dequantize(codes: torch.Tensor, w_p: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
     """W = w_p * [T = +1] - w_n * [T = -1], scales per output channel (as quant.export.dequantize)."""
@@ -382,7 +552,7 @@ OPS = {"conv2d": _conv2d, "linear": _linear, "batch_norm": _batch_norm,
 
 
 def forward(network: list, weights: dict, input_shape: tuple, x: torch.Tensor) -> torch.Tensor:
-    """Run the manifest's ops in order on x [N, *input_shape] and return the logits."""
+    """Run the manifest's ops in order on x [N, *input_shape] (normalised) and return the logits."""
     if tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(f"input of shape {list(x.shape)}, expected [N, {', '.join(map(str, input_shape))}]")
     with torch.inference_mode():
@@ -392,54 +562,22 @@ def forward(network: list, weights: dict, input_shape: tuple, x: torch.Tensor) -
     return x
 
 
+def read_file(source) -> bytes:
+    """The bytes of a deployment file given as a path or as bytes, refusing files over MAX_FILE_BYTES."""
+    if not isinstance(source, (str, os.PathLike)):
+        return bytes(source)
+    with open(source, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise DeployFormatError(f"{source}: larger than {MAX_FILE_BYTES} bytes, not a ternary deployment file")
+    return data
+
+
 def load_inference(source) -> functools.partial:
-    """A callable x [N, 1, 28, 28] (normalised) -> logits built from a deployment file (path or bytes) alone.
+    """A callable x [N, 1, 28, 28] (normalised; see `normalize`) -> logits, from a deployment file alone.
 
     The file is decoded and dequantised once here, so each call costs what the FP network costs.
     """
-    data = Path(source).read_bytes() if isinstance(source, (str, os.PathLike)) else source
-    manifest, tensors = unpack(data)
-    net = functools.partial(forward, manifest["network"], dequantized_weights(manifest, tensors),
-                            tuple(manifest["input_shape"]))
-    try:  # a dry run turns shape mismatches between ops and tensors into a load error
-        net(torch.zeros(1, *manifest["input_shape"]))
-    except RuntimeError as e:
-        raise DeployFormatError(f"network does not run on the stored tensors: {str(e).splitlines()[0]}") from None
-    return net
-
-
-# ---------------------------------------------------------------- sizes
-
-def size_report(export: dict) -> list[dict]:
-    """Per weight layer plus a "total" row: weights, bytes as FP32 / 2-bit / base-3 / entropy bound, ratios.
-
-    Counts weights only (scales, biases, BN and the file header are in the file size, not here). A layer kept
-    FP counts 4 bytes/weight in every column. entropy_bytes = n * H / 8 with H from packing.entropy_bits.
-    """
-    rows = []
-    for name, layer in _weight_layers(LENET5_NETWORK).items():
-        if layer in export["ternary"]:
-            codes = export["ternary"][layer]["codes"]
-            n, h = codes.numel(), entropy_bits(codes)
-            row = {"layer": layer, "ternary": True, "weights": n, "fp32_bytes": 4 * n, "bytes_2bit": nbytes_2bit(n),
-                   "bytes_base3": nbytes_base3(n), "zero_fraction": (codes == 0).sum().item() / n,
-                   "entropy_bits": h, "entropy_bytes": n * h / 8}
-        else:
-            weight = export["float"][name]
-            n = weight.numel()
-            row = {"layer": layer, "ternary": False, "weights": n, "fp32_bytes": 4 * n, "bytes_2bit": 4 * n,
-                   "bytes_base3": 4 * n, "zero_fraction": (weight == 0).sum().item() / n,
-                   "entropy_bits": None, "entropy_bytes": 4 * n}
-        rows.append(row)
-    total = {"layer": "total", "ternary": all(r["ternary"] for r in rows)}
-    for key in ("weights", "fp32_bytes", "bytes_2bit", "bytes_base3", "entropy_bytes"):
-        total[key] = sum(r[key] for r in rows)
-    total["zero_fraction"] = sum(r["zero_fraction"] * r["weights"] for r in rows) / total["weights"]
-    total["entropy_bits"] = 8 * total["entropy_bytes"] / total["weights"]
-    rows.append(total)
-    for r in rows:
-        for enc in ("2bit", "base3"):
-            r[f"bits_per_weight_{enc}"] = 8 * r[f"bytes_{enc}"] / r["weights"]
-            r[f"compression_{enc}"] = r["fp32_bytes"] / r[f"bytes_{enc}"]
-        r["compression_entropy"] = r["fp32_bytes"] / r["entropy_bytes"] if r["entropy_bytes"] else None
-    return rows
+    manifest, tensors = unpack(read_file(source))
+    return functools.partial(forward, manifest["network"], dequantized_weights(manifest, tensors),
+                             tuple(manifest["input"]["shape"]))

@@ -17,6 +17,7 @@ three values per scale group. eval, packing, tuning and plots all consume exactl
 import torch
 
 from .model import LeNet5, QUANT_LAYERS
+from .packing import code_counts
 
 
 class NotTernaryError(ValueError):
@@ -88,13 +89,11 @@ def layer_table(export: dict) -> list[dict]:
         if name in export["ternary"]:
             layer = export["ternary"][name]
             codes = layer["codes"]
-            n = codes.numel()
             weight = dequantize(codes, layer["w_p"], layer["w_n"])
+            n, counts = codes.numel(), code_counts(codes)
             row = {"layer": name, "shape": "x".join(map(str, codes.shape)), "params": n,
                    "distinct": int(torch.unique(weight).numel()), "bits": 2,
-                   "neg_pct": 100 * (codes == -1).sum().item() / n,
-                   "zero_pct": 100 * (codes == 0).sum().item() / n,
-                   "pos_pct": 100 * (codes == 1).sum().item() / n,
+                   "neg_pct": 100 * counts["-1"] / n, "zero_pct": 100 * counts["0"] / n, "pos_pct": 100 * counts["+1"] / n,
                    "delta": layer["delta"].mean().item(), "w_p": layer["w_p"].mean().item(),
                    "w_n": layer["w_n"].mean().item(), "groups": layer["w_p"].numel()}
         else:
@@ -118,7 +117,7 @@ def size_summary(export: dict) -> dict:
     model_params = sum(t.numel() for k, t in export["float"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     ternary = sum(layer["codes"].numel() for layer in export["ternary"].values())
     fp_weights = sum(export["float"][f"{n}.weight"].numel() for n in QUANT_LAYERS if n not in export["ternary"])
-    zeros = sum((layer["codes"] == 0).sum().item() for layer in export["ternary"].values())
+    zeros = sum(code_counts(layer["codes"])["0"] for layer in export["ternary"].values())
     weights = ternary + fp_weights
     bits = 2 * ternary + 32 * fp_weights
     return {"total_params": model_params + ternary, "quantized_params": ternary, "bits_per_weight": bits / weights,

@@ -5,7 +5,8 @@
                            runs.evaluate_checkpoint -> one results.csv row tagged "study"
                            -> results/history/{mode}_seed{s}.csv   (per-epoch history, ADMM residual and rho)
                            -> results/weights/{mode}_seed{s}.json  (latent-weight histograms, delta, code mix)
-    quant.deployment pack + verify over the tag's checkpoints -> results/deployment.csv / .json
+    quant.deployment.pack_and_verify over the tag's checkpoints (every encoding)
+                           -> results/deployment.csv / .json
     quant.plotting.plot_all(results/) and quant.report.refresh(report.md, README.md)
 
 Everything plots and the report need lands in the results folder, so they never open a checkpoint.
@@ -27,18 +28,15 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
 from .data import MNIST, load_mnist, split_indices
-from .deployment import ENCODINGS, pack_checkpoint, write_results
+from .deployment import PackError, pack_and_verify  # noqa: F401 (PackError: reproduce.py catches it here)
 from .files import atomic_write_json
 from .methods import METHODS
+from .packing import code_mix
 from .results import read_results
 from .runs import default_config, evaluate_checkpoint, train_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HIST_BINS = 100
-
-
-class PackError(RuntimeError):
-    """deployment_compression.py failed, or a packed file's predictions differ from its checkpoint's."""
 
 
 @dataclass
@@ -107,14 +105,11 @@ def weight_summary(ckpt: dict, bins: int = HIST_BINS) -> dict:
                  "latent_distinct": int(min(np.unique(w).size, 1000)), "ternary": name in export["ternary"]}
         if entry["ternary"]:
             layer = export["ternary"][name]
-            codes = layer["codes"].reshape(-1)
-            n = codes.numel()
             entry.update({
                 "delta": [float(v) for v in layer["delta"].reshape(-1)],
                 "w_p": [float(v) for v in layer["w_p"].reshape(-1)],
                 "w_n": [float(v) for v in layer["w_n"].reshape(-1)],
-                "code_fractions": {"-1": (codes == -1).sum().item() / n, "0": (codes == 0).sum().item() / n,
-                                   "+1": (codes == 1).sum().item() / n}})
+                "code_fractions": code_mix(layer["codes"])})
         layers.append(entry)
     return {"mode": ckpt["mode"], "seed": ckpt["seed"], "bins": bins,
             "source": "checkpoint state_dict (latent weights) and export (codes, scales, delta)", "layers": layers}
@@ -159,24 +154,6 @@ def study_checkpoints(results_path: Path, tag: str) -> list[Path]:
     return [Path(p) for p in dict.fromkeys(latest.values()) if p and Path(p).exists()]
 
 
-def pack_and_verify(checkpoints: list[Path], plan: Plan, log=print) -> dict:
-    """Pack `checkpoints` (2-bit and base-3, BN folded), verify each file's test predictions against its
-    checkpoint, and write deployment.csv/.json into the results dir (as deployment_compression.py --verify)."""
-    mnist = load_mnist(plan.data_dir, test_only=True, verify_checksum=plan.verify_checksum)
-    summaries = [pack_checkpoint(path, ENCODINGS, mnist) for path in checkpoints]
-    packed, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
-    command = "deployment_compression.py --verify " + " ".join(f"--checkpoint {p}" for p in checkpoints)
-    write_results(plan.results_dir, packed, not_packed, command)
-    for s in packed:
-        files = ", ".join(f"{enc} {s[f'file_bytes_{enc}']:,} B ({s[f'mismatches_{enc}']} differing predictions)"
-                          for enc in ENCODINGS)
-        log(f"packed {s['checkpoint']}: {files}")
-    differ = [f"{s['checkpoint']} {enc}" for s in packed for enc in ENCODINGS if s[f"mismatches_{enc}"]]
-    if differ:
-        raise PackError(f"packed predictions differ from the checkpoint's for {', '.join(differ)}")
-    return {"checkpoints": packed, "not_packed": not_packed}
-
-
 def run_study(plan: Plan, log=print) -> dict:
     """Train, evaluate, write artefacts, pack and verify; returns {"rows": results rows, "seconds": wall time}.
 
@@ -211,7 +188,11 @@ def run_study(plan: Plan, log=print) -> dict:
     # Every checkpoint of the tag (also from earlier runs of other modes), as deployment.csv is rewritten whole.
     checkpoints = study_checkpoints(results_path, plan.tag)
     if any(load_checkpoint(p)["export"]["ternary"] for p in checkpoints):
-        pack_and_verify(checkpoints, plan, log)
+        command = "deployment_compression.py --verify " + " ".join(f"--checkpoint {p}" for p in checkpoints)
+        pack_and_verify(checkpoints, mnist=full, results_dir=plan.results_dir, command=command,
+                        show=lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
+                            f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"
+                            for key in s if key.startswith("file_bytes_"))))
     else:
         log("no ternary checkpoint to pack; deployment.csv left as it is")
     seconds = time.perf_counter() - start

@@ -47,7 +47,7 @@ def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
     assert bench["evaluate"]["images"] == 128 and positive(bench["evaluate"]["images_per_s"])
 
     deployment = bench["deployment"]
-    assert set(deployment["encodings"]) == {"2bit", "base3"}
+    assert set(deployment["encodings"]) == {"2bit", "base3", "entropy"}
     for timings in deployment["encodings"].values():
         assert all(positive(timings[k]) for k in ("file_bytes", "pack_ms", "unpack_ms", "load_inference_ms"))
     assert deployment["encodings"]["base3"]["file_bytes"] < deployment["encodings"]["2bit"]["file_bytes"]
