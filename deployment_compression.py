@@ -2,16 +2,17 @@
 
 For each checkpoint (default: every checkpoints/*.pth holding a ternary layer; FP ones are skipped) this
 writes <stem>.2bit.tern, <stem>.base3.tern and <stem>.entropy.tern next to it (format: docs/deployment_format.md;
-a rerun with other flags overwrites them, and the manifest records the flags), then results/deployment.csv and .json: per layer and total, weights and bytes as FP32, 2-bit, base-3 and
+a rerun with other flags overwrites them, and the manifest records the flags), with --onnx also <stem>.onnx,
+then results/deployment.csv and .json: per layer and total, weights and bytes as FP32, 2-bit, base-3 and
 entropy-coded, the order-0 entropy bound and the entropy code's gap to it, plus the real file sizes, the
 checkpoint's own size and an FP32 state_dict's size for contrast.
 
---verify loads each file alone, runs the 10k MNIST test images and requires
+--verify loads each file alone (the ONNX model in onnxruntime), runs the 10k MNIST test images and requires
 the same predictions as the checkpoint's ternary model (quant.export.rebuild_model); any difference exits 1.
 Verification runs on CPU.
 
 Example:
-    python deployment_compression.py --verify --data-dir ../shared/mnist
+    python deployment_compression.py --verify --onnx --data-dir ../shared/mnist
 """
 import argparse
 import sys
@@ -27,7 +28,7 @@ COLUMNS = [("layer", "layer", ""), ("weights", "weights", "d"), ("fp32_bytes", "
            ("order0_bytes", "order-0 B", ".0f"), ("gap_entropy", "gap B", "+.0f"),
            ("bits_per_weight_entropy", "bit/w", ".3f"), ("zero_fraction", "zero", ".3f"),
            ("compression_entropy", "x entropy", ".1f")]
-FORMATS = tuple(ENCODINGS)
+FORMATS = (*ENCODINGS, "onnx")
 
 
 def show(summary: dict) -> None:
@@ -51,6 +52,7 @@ def main():
     parser.add_argument("--no-fold-bn", action="store_true", help="store BatchNorm as is (default: fold it)")
     parser.add_argument("--fp16", action="store_true",
                         help="biases/BN/FP-kept weights as fp16; scales stay fp32 (default: fp32)")
+    parser.add_argument("--onnx", action="store_true", help="also write <stem>.onnx (int8 codes, QDQ)")
     parser.add_argument("--verify", action="store_true", help="check each file's MNIST test predictions")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="output folder (default: results)")
     add_data_args(parser)
@@ -65,7 +67,7 @@ def main():
     mnist = load_mnist(args.data_dir, test_only=True, verify_checksum=not args.skip_checksum) if args.verify else None
     wrote = f"\nwrote {args.results_dir / 'deployment.csv'} and {args.results_dir / 'deployment.json'}"
     try:
-        result = pack_and_verify(paths, encodings, mnist, fold_bn=not args.no_fold_bn,
+        result = pack_and_verify(paths, encodings, mnist, onnx=args.onnx, fold_bn=not args.no_fold_bn,
                                  float_dtype="fp16" if args.fp16 else "fp32", results_dir=args.results_dir,
                                  command=" ".join(sys.argv), show=show)
     except PackError as e:  # the results are written; the differing files are named

@@ -1,7 +1,8 @@
-"""Pack checkpoints into deployment files, verify them against the checkpoint, tabulate their sizes.
+"""Pack checkpoints into deployment files (and ONNX), verify them against the checkpoint, tabulate their sizes.
 
 `pack_and_verify` is the one pipeline behind deployment_compression.py and reproduce.py. The file format is
-docs/deployment_format.md (quant/deploy_format.py, codecs in quant/packing.py).
+docs/deployment_format.md (quant/deploy_format.py, codecs in quant/packing.py); the ONNX graph is built by
+quant/onnx_export.py.
 """
 import csv
 import io
@@ -10,14 +11,15 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint
-from .deploy_format import INPUT_SHAPE, code_patches, deployed_layers, load_inference, pack
+from .data import MEAN, STD
+from .deploy_format import INPUT_SHAPE, code_patches, deployed_layers, load_inference, pack, unpack
 from .export import rebuild_model
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .packing import ENCODINGS, code_mix, entropy_bits, get_codec
 
 
 class PackError(RuntimeError):
-    """A packed file's test predictions differ from its checkpoint's."""
+    """A packed file's (or the ONNX model's) test predictions differ from its checkpoint's."""
 
 
 def predict(net, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
@@ -27,6 +29,14 @@ def predict(net, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (preds == labels).sum().item() / len(labels)
+
+
+def pixels_of(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels of MNIST images normalised by quant/data.py, recovered exactly (checked) for the ONNX input."""
+    pixels = torch.round((x.double() * STD + MEAN) * 255).clamp(0, 255).to(torch.uint8)
+    if not torch.equal(pixels.float().div_(255).sub_(MEAN).div_(STD), x):
+        raise ValueError("test images are not normalised MNIST pixels; cannot recover the raw input for ONNX")
+    return pixels
 
 
 def state_dict_bytes(export: dict) -> int:
@@ -81,11 +91,11 @@ def size_report(export: dict, fold_bn: bool = True) -> list[dict]:
 
 
 def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn: bool = True,
-                    float_dtype: str = "fp32") -> dict:
-    """Write the deployment files of one checkpoint and return its summary.
+                    float_dtype: str = "fp32", onnx: bool = False) -> dict:
+    """Write the deployment files (and, with onnx, <stem>.onnx) of one checkpoint and return its summary.
 
     With `mnist`, every file is loaded back alone and its test predictions compared with the checkpoint's
-    ternary model (mismatches_<encoding>). "layers" is present only if it was packed.
+    ternary model (mismatches_<encoding>, mismatches_onnx). "layers" is present only if it was packed.
     """
     ckpt = load_checkpoint(path)
     export = ckpt["export"]
@@ -100,6 +110,7 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
         reference = predict(rebuild_model(export), mnist.test_x)
         summary["test_acc_checkpoint"] = accuracy(reference, mnist.test_y)
     metadata = {"checkpoint": path.name, "mode": ckpt["mode"], "seed": ckpt.get("seed")}
+    data = None
     for encoding in encodings:
         out = path.with_name(f"{path.stem}.{encoding}.tern")
         data = pack(export, encoding, fold_bn=fold_bn, float_dtype=float_dtype, metadata=metadata)
@@ -110,6 +121,17 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
             preds = predict(load_inference(out), mnist.test_x)
             summary[f"test_acc_{encoding}"] = accuracy(preds, mnist.test_y)
             summary[f"mismatches_{encoding}"] = int((preds != reference).sum())
+    if onnx:
+        from .onnx_export import load_onnx, to_onnx  # onnx and onnxruntime only when asked for
+
+        model = to_onnx(*unpack(data or pack(export, "2bit", fold_bn=fold_bn, float_dtype=float_dtype)))
+        out = path.with_name(f"{path.stem}.onnx")
+        atomic_write_bytes(out, model)
+        summary["file_onnx"], summary["file_bytes_onnx"] = str(out), out.stat().st_size
+        if mnist is not None:
+            preds = predict(load_onnx(out), pixels_of(mnist.test_x))
+            summary["test_acc_onnx"] = accuracy(preds, mnist.test_y)
+            summary["mismatches_onnx"] = int((preds != reference).sum())
     summary["layers"] = size_report(export, fold_bn)
     return summary
 
@@ -120,7 +142,7 @@ def differing(summaries: list[dict]) -> list[str]:
             if key.startswith("mismatches_") and s[key]]
 
 
-def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, fold_bn: bool = True,
+def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, onnx: bool = False, fold_bn: bool = True,
                     float_dtype: str = "fp32", results_dir: Path | None = None, command: str = "",
                     show=lambda summary: None) -> dict:
     """Pack every checkpoint in `paths`, verify (with `mnist`), write deployment.csv/.json into results_dir.
@@ -129,7 +151,7 @@ def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, fold_bn: bool
     Returns {"checkpoints": packed summaries, "not_packed": summaries of checkpoints without ternary layers};
     raises PackError if any verified file's predictions differ from its checkpoint's.
     """
-    summaries = [pack_checkpoint(Path(p), encodings, mnist, fold_bn, float_dtype) for p in paths]
+    summaries = [pack_checkpoint(Path(p), encodings, mnist, fold_bn, float_dtype, onnx) for p in paths]
     packed, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
     for s in packed:
         show(s)

@@ -5,7 +5,7 @@
                            runs.evaluate_checkpoint -> one results.csv row tagged "study"
                            -> results/history/{mode}_seed{s}.csv   (per-epoch history, ADMM residual and rho)
                            -> results/weights/{mode}_seed{s}.json  (latent-weight histograms, delta, code mix)
-    quant.deployment.pack_and_verify over the tag's checkpoints (every encoding)
+    quant.deployment.pack_and_verify over the tag's checkpoints (every encoding and ONNX)
                            -> results/deployment.csv / .json
     quant.plotting.plot_all(results/) and quant.report.refresh(report.md, README.md)
 
@@ -188,8 +188,8 @@ def run_study(plan: Plan, log=print) -> dict:
     # Every checkpoint of the tag (also from earlier runs of other modes), as deployment.csv is rewritten whole.
     checkpoints = study_checkpoints(results_path, plan.tag)
     if any(load_checkpoint(p)["export"]["ternary"] for p in checkpoints):
-        command = "deployment_compression.py --verify " + " ".join(f"--checkpoint {p}" for p in checkpoints)
-        pack_and_verify(checkpoints, mnist=full, results_dir=plan.results_dir, command=command,
+        command = "deployment_compression.py --verify --onnx " + " ".join(f"--checkpoint {p}" for p in checkpoints)
+        pack_and_verify(checkpoints, mnist=full, onnx=True, results_dir=plan.results_dir, command=command,
                         show=lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
                             f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"
                             for key in s if key.startswith("file_bytes_"))))

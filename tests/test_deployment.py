@@ -1,5 +1,5 @@
-"""quant/deployment.py and deployment_compression.py: a trained checkpoint packed in every encoding, each
-file verified against the checkpoint (and decoded by the spec-only decoder), the size report
+"""quant/deployment.py and deployment_compression.py: a trained checkpoint packed in every encoding and as
+ONNX, each file verified against the checkpoint (and decoded by the spec-only decoder), the size report
 recomputed independently, a prediction mismatch reported as an error, the results files written."""
 import csv
 import json
@@ -18,7 +18,7 @@ from quant.deploy_format import unpack
 from quant.export import rebuild_model
 from test_deploy_format import make_export
 
-FORMATS = list(packing.ENCODINGS)
+FORMATS = [*packing.ENCODINGS, "onnx"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def mnist(synthetic_mnist):
 def packed(trained, mnist, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     shown = []
-    out = deployment.pack_and_verify([trained], mnist=mnist, results_dir=results, command="test",
+    out = deployment.pack_and_verify([trained], mnist=mnist, onnx=True, results_dir=results, command="test",
                                      show=shown.append)
     return out, shown, results
 
@@ -51,7 +51,7 @@ def test_every_format_is_written_and_verified(packed, trained):
     (summary,) = out["checkpoints"]
     assert shown == [summary] and out["not_packed"] == []
     for fmt in FORMATS:
-        path = trained.with_name(f"ttq_seed0.{fmt}.tern")
+        path = trained.with_name(f"ttq_seed0.{fmt}.tern" if fmt != "onnx" else "ttq_seed0.onnx")
         assert summary[f"file_{fmt}"] == str(path) and summary[f"file_bytes_{fmt}"] == path.stat().st_size
         assert summary[f"mismatches_{fmt}"] == 0 and summary[f"test_acc_{fmt}"] == summary["test_acc_checkpoint"]
     assert summary["test_acc_checkpoint"] > 50  # a trained model: the predictions compared are not all one class
@@ -68,6 +68,13 @@ def test_spec_decoder_reads_the_trained_files(packed, trained, mnist, synthetic_
         assert np.array_equal(spec_decoder.run(manifest, tensors, images[:, None]).argmax(1), expected), encoding
 
 
+def test_pixels_of_recovers_the_raw_images(mnist, synthetic_mnist):
+    images, _ = read_idx(synthetic_mnist / "t10k-images-idx3-ubyte", 0x803, (28, 28), None, None)
+    assert torch.equal(deployment.pixels_of(mnist.test_x), torch.from_numpy(images[:, None].copy()))
+    with pytest.raises(ValueError, match="not normalised MNIST pixels"):
+        deployment.pixels_of(mnist.test_x + 1e-3)
+
+
 def test_results_files(packed):
     out, _, results = packed
     table = json.loads((results / "deployment.json").read_text())
@@ -75,8 +82,8 @@ def test_results_files(packed):
     with open(results / "deployment.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["layer"] for r in rows] == ["conv1", "conv2", "fc1", "fc2", "total"]
-    for column in ("file_bytes_entropy", "bytes_entropy", "order0_bytes", "gap_entropy", "bits_per_weight_entropy",
-                   "mismatches_entropy"):
+    for column in ("file_bytes_entropy", "file_bytes_onnx", "bytes_entropy", "order0_bytes", "gap_entropy",
+                   "bits_per_weight_entropy", "mismatches_onnx"):
         assert rows[-1][column] != "", column
 
 
@@ -131,12 +138,12 @@ def test_script_packs_and_verifies(tmp_path, synthetic_mnist):
     ckpt = tmp_path / "checkpoints" / "twn.pth"
     save_checkpoint(ckpt, {"mode": "twn", "config": {}, "history": [], "metrics": {}, "seed": 0, "state_dict": {},
                            "export": make_export("mixed")})
-    result = run_script("deployment_compression.py", "--checkpoint", ckpt, "--verify", "--skip-checksum",
+    result = run_script("deployment_compression.py", "--checkpoint", ckpt, "--verify", "--onnx", "--skip-checksum",
                         "--data-dir", synthetic_mnist, "--results-dir", tmp_path / "results", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "results" / "deployment.json").read_text())["checkpoints"][0]
     for fmt in FORMATS:
-        path = tmp_path / "checkpoints" / f"twn.{fmt}.tern"
+        path = tmp_path / "checkpoints" / (f"twn.{fmt}.tern" if fmt != "onnx" else "twn.onnx")
         assert summary[f"file_bytes_{fmt}"] == path.stat().st_size
         assert summary[f"mismatches_{fmt}"] == 0
     assert unpack((tmp_path / "checkpoints" / "twn.entropy.tern").read_bytes())[0]["metadata"]["mode"] == "twn"
