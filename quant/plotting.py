@@ -3,7 +3,7 @@
     results_comparison.png  test accuracy vs deployed size on disk, mean ± std over seeds   (results.csv, deployment.csv)
     training_curves.png     validation accuracy and loss per epoch, seeds overlaid            (history/*.csv, results.csv)
     weight_histograms.png   latent weights per layer and mode, ±delta and the code mix        (weights/*.json)
-    sparsity_bytes.png      zero fraction of deployed codes; bytes per layer per encoding     (deployment.csv)
+    sparsity_bytes.png      zero fraction of deployed codes; bytes per layer per encoding, bound (deployment.csv)
     admm_residual.png       ADMM primal residual ||W - G|| / ||W|| and rho per epoch          (history/admm_*.csv)
 
 Each figure function raises MissingInput when its inputs are absent; plot_all turns that (or an unreadable
@@ -288,17 +288,21 @@ def plot_sparsity_bytes(results_dir, out_dir, tag="study") -> Path:
     series = [("FP32", [layers[n]["fp32"] for n in names], "0.6", None),
               ("2-bit codes", [layers[n]["codes_2bit"] for n in names], "#444444", None),
               ("base-3 codes", [layers[n]["codes_base3"] for n in names], "#888888", "//")]
-    series += [(f"entropy bound, {label(m)}", [mean(layers[n]["entropy"].get(m, [])) for n in names], color(m), "..")
+    series += [(f"entropy-coded, {label(m)}", [mean(layers[n]["coded"].get(m, [])) for n in names], color(m), None)
                for m in modes]
     width = 0.8 / len(series)
     for i, (name, vals, c, hatch) in enumerate(series):
-        ax_b.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, color=c, hatch=hatch, label=name,
-                 edgecolor="white" if hatch else None, lw=0)
+        at = x + (i - (len(series) - 1) / 2) * width
+        ax_b.bar(at, vals, width, color=c, hatch=hatch, label=name, edgecolor="white" if hatch else None, lw=0)
+        if i >= 3:  # each mode's order-0 bound as a black tick across its entropy-coded bar
+            bound = [mean(layers[n]["entropy"].get(modes[i - 3], [])) for n in names]
+            ax_b.plot(at, bound, "_", color="black", ms=max(4.0, 60 * width), mew=1.6,
+                      label="order-0 entropy bound" if i == 3 else None)
     ax_b.set_yscale("log")
     ax_b.set_xticks(x, names)
     ax_b.set_ylabel("bytes per layer (log scale)")
-    ax_b.set_title("Weight storage per layer: FP32, fixed-rate codes, entropy bound\n"
-                   "(codes only; scales, biases and the file header excluded)", fontsize=10)
+    ax_b.set_title("Bytes per layer: FP32, fixed-rate, entropy-coded; — = order-0 bound\n"
+                   "(code blocks only; scales, biases and the file header excluded)", fontsize=10)
     ax_b.legend(fontsize=7, ncol=2, loc="upper left")
     ax_b.set_ylim(top=max(layers[n]["fp32"] for n in names) * 30)
     ax_b.grid(axis="y", which="both", alpha=0.25)

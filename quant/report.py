@@ -121,9 +121,10 @@ def summarize(results_dir, tag: str = "study") -> dict:
     """{mode: stats} over the latest `tag` runs; raises NoResults if there are none.
 
     Per mode: seeds, test_acc / val_acc / train_seconds (lists per seed), and from deployment.csv's "total" rows
-    (lists per seed): file_2bit, file_base3 (bytes on disk), fp32_state_dict (bytes), codes_2bit, codes_base3,
-    entropy_bytes, entropy_bits, zero_fraction, mismatches; `size` = deployed bytes on disk (2-bit file; FP:
-    the FP32 state_dict), `compression` = FP32 state_dict bytes / size.
+    (lists per seed): file_2bit, file_base3, file_entropy, file_onnx (bytes on disk), fp32_state_dict (bytes),
+    codes_2bit, codes_base3, codes_entropy, entropy_bytes / entropy_bits (the order-0 bound), coded_bits (the
+    entropy code's bits/weight), zero_fraction, mismatches (every verified format); `size` = deployed bytes on
+    disk (2-bit file; FP: the FP32 state_dict), `compression` = FP32 state_dict bytes / size.
     """
     rows = required_study_rows(results_dir, tag)
     totals = [d for d in deployment_rows(results_dir, rows) if d.get("layer") == "total"]
@@ -132,8 +133,8 @@ def summarize(results_dir, tag: str = "study") -> dict:
     for row in rows:
         s = out.setdefault(row["mode"], {k: [] for k in (
             "seeds", "checkpoints", "test_acc", "val_acc", "train_seconds", "file_2bit", "file_base3",
-            "fp32_state_dict", "codes_2bit", "codes_base3", "entropy_bytes", "entropy_bits", "zero_fraction",
-            "mismatches", "size", "compression")})
+            "file_entropy", "file_onnx", "fp32_state_dict", "codes_2bit", "codes_base3", "codes_entropy",
+            "entropy_bytes", "entropy_bits", "coded_bits", "zero_fraction", "mismatches", "size", "compression")})
         s["seeds"].append(seed_of(row))
         s["checkpoints"].append(row.get("checkpoint", ""))
         for key in ("test_acc", "val_acc", "train_seconds"):
@@ -146,10 +147,12 @@ def summarize(results_dir, tag: str = "study") -> dict:
             d = dep[0]
             for key, col in (("file_2bit", "file_bytes_2bit"), ("file_base3", "file_bytes_base3"),
                              ("fp32_state_dict", "fp32_state_dict_bytes"), ("codes_2bit", "bytes_2bit"),
-                             ("codes_base3", "bytes_base3"), ("entropy_bytes", "entropy_bytes"),
-                             ("entropy_bits", "entropy_bits"), ("zero_fraction", "zero_fraction")):
+                             ("codes_base3", "bytes_base3"), ("entropy_bytes", "order0_bytes"),
+                             ("entropy_bits", "order0_bits"), ("zero_fraction", "zero_fraction"),
+                             ("file_entropy", "file_bytes_entropy"), ("file_onnx", "file_bytes_onnx"),
+                             ("codes_entropy", "bytes_entropy"), ("coded_bits", "bits_per_weight_entropy")):
                 s[key].append(number(d.get(col)))
-            s["mismatches"].append(number(d.get("mismatches_2bit", 0)) + number(d.get("mismatches_base3", 0)))
+            s["mismatches"].append(sum(number(v or 0) for k, v in d.items() if k.startswith("mismatches_")))
             s["size"].append(s["file_2bit"][-1])
             s["compression"].append(s["fp32_state_dict"][-1] / s["file_2bit"][-1])
         elif row["mode"] == "fp" and fp32_any:
@@ -161,7 +164,8 @@ def summarize(results_dir, tag: str = "study") -> dict:
 
 
 def layer_stats(results_dir, tag: str = "study") -> dict:
-    """{layer: {"weights", "fp32", "codes_2bit", "codes_base3", "zero": {mode: [per seed]}}} from deployment.csv."""
+    """{layer: {"weights", "fp32", "codes_2bit", "codes_base3", and {mode: [per seed]} of "zero" (fraction),
+    "entropy" (order-0 bound, B) and "coded" (entropy-coded, B)}} from deployment.csv."""
     rows = study_rows(results_dir, tag)
     out = {}
     for d in deployment_rows(results_dir, rows):
@@ -169,9 +173,11 @@ def layer_stats(results_dir, tag: str = "study") -> dict:
             continue
         s = out.setdefault(d["layer"], {"weights": number(d.get("weights")), "fp32": number(d.get("fp32_bytes")),
                                         "codes_2bit": number(d.get("bytes_2bit")),
-                                        "codes_base3": number(d.get("bytes_base3")), "zero": {}, "entropy": {}})
+                                        "codes_base3": number(d.get("bytes_base3")), "zero": {}, "entropy": {},
+                                        "coded": {}})
         s["zero"].setdefault(d.get("mode", "?"), []).append(number(d.get("zero_fraction")))
-        s["entropy"].setdefault(d.get("mode", "?"), []).append(number(d.get("entropy_bytes")))
+        s["entropy"].setdefault(d.get("mode", "?"), []).append(number(d.get("order0_bytes")))
+        s["coded"].setdefault(d.get("mode", "?"), []).append(number(d.get("bytes_entropy")))
     return {k: out[k] for k in LAYERS if k in out}
 
 
@@ -226,14 +232,16 @@ def deployment_table(stats: dict) -> str:
     for mode, s in stats.items():
         if mode == "fp" or not s["file_2bit"]:
             continue
-        rows.append([label(mode), fmt(mean(s["file_2bit"]), ",.0f"), fmt(mean(s["file_base3"]), ",.0f"),
-                     fmt(mean(s["codes_2bit"]), ",.0f"), fmt(mean(s["codes_base3"]), ",.0f"),
-                     fmt(mean(s["entropy_bytes"]), ",.0f"), fmt(mean(s["entropy_bits"]), ".3f"),
+        rows.append([label(mode), *(fmt(mean(s[k]), ",.0f") for k in ("file_2bit", "file_base3", "file_entropy",
+                                                                      "file_onnx", "codes_2bit", "codes_base3",
+                                                                      "codes_entropy", "entropy_bytes")),
+                     fmt(mean(s["coded_bits"]), ".3f"), fmt(mean(s["entropy_bits"]), ".3f"),
                      fmt(mean(s["fp32_state_dict"]), ",.0f"), fmt(sum(s["mismatches"]), ".0f")])
     if not rows:
         return "*No deployment files yet: run `python reproduce.py` (or `deployment_compression.py --verify`).*"
-    return markdown(["Method", "2-bit file (B)", "Base-3 file (B)", "Codes 2-bit (B)", "Codes base-3 (B)",
-                     "Entropy bound (B)", "Entropy (bit/weight)", "FP32 state_dict (B)",
+    return markdown(["Method", "2-bit file (B)", "Base-3 file (B)", "Entropy file (B)", "ONNX file (B)",
+                     "Codes 2-bit (B)", "Codes base-3 (B)", "Codes entropy-coded (B)", "Order-0 bound (B)",
+                     "Entropy code (bit/weight)", "Order-0 bound (bit/weight)", "FP32 state_dict (B)",
                      "Packed ≠ checkpoint predictions"], rows)
 
 
