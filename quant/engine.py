@@ -100,10 +100,11 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) ->
 
 def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int, schedule: str = "onecycle",
           weight_decay: float = 0.0, shift: int = 0, seed: int = 0, device="cpu", progress: bool = True,
-          log=print) -> list[dict]:
+          log=print, on_epoch=None) -> list[dict]:
     """Train `model` in place with `method`'s hooks; return the per-epoch history.
 
     `shift` > 0 translates each training image by up to that many pixels (augmentation; 0 = off).
+    `on_epoch(row)`, if given, sees each epoch's history row as it is made (tuning's pruner); it may raise to stop.
     """
     model.to(device)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
@@ -150,5 +151,7 @@ def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int
         extras = "".join(f"  {k} {v:.4g}" for k, v in stats.items())
         log(f"[{method.name}] epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  {row['seconds']:.1f}s{extras}")
+        if on_epoch is not None:
+            on_epoch(row)
     method.finish(model, batches(train_x[:5000], train_y[:5000], 500))
     return history
