@@ -1,6 +1,6 @@
 """Measure training, evaluation and deployment speed on this machine in one run; write results/benchmarks.json.
 
-What is measured and how: quant/benchmarking.py. Run it on an otherwise idle machine (the JSON records the
+What is measured and how: benchmarks/benchmarking.py. Run it on an otherwise idle machine (the JSON records the
 load average before and after); the full run trains one 55,000-image epoch per mode plus one naive epoch.
 
 Example:
@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find quant/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find quant/ and benchmarks/
 
 import torch  # noqa: E402
 
-from quant import benchmarking  # noqa: E402
+from benchmarks import benchmarking  # noqa: E402
 from quant.cli import (ArgumentParser, add_data_args, non_negative_int, pick_device, positive_int,  # noqa: E402
                        run_main, seed_everything)
 from quant.data import load_mnist  # noqa: E402

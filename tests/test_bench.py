@@ -1,4 +1,4 @@
-"""benchmarks/bench.py and quant/benchmarking.py: a --quick run on synthetic data writes every section, and the
+"""benchmarks/bench.py and benchmarks/benchmarking.py: a --quick run on synthetic data writes every section, and the
 ratios are formed the right way round against their bars."""
 import json
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import call_script
-from quant import benchmarking
+from benchmarks import benchmarking
 from quant.methods import METHODS
 
 SECTIONS = {"quick", "machine", "rounds", "floor", "real_epoch", "naive", "evaluate", "deployment", "quantizers", "ratios",

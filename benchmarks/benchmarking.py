@@ -36,16 +36,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import admm
-from .data import MEAN, STD, MNIST, find_idx_file, split_indices
-from .deploy_format import load_inference, pack, unpack
-from .engine import evaluate, make_optimizer, steps_per_epoch, train
-from .export import rebuild_model
-from .methods import HYPERPARAMS, METHODS, get_method
-from .model import LeNet5
-from .runs import default_config
-from .ttq import TTQQuantizer
-from .twn import TWNQuantizer
+from quant import admm
+from quant.data import MEAN, STD, MNIST, find_idx_file, split_indices
+from quant.deploy_format import load_inference, pack, unpack
+from quant.engine import evaluate, make_optimizer, steps_per_epoch, train
+from quant.export import rebuild_model
+from quant.methods import HYPERPARAMS, METHODS, get_method
+from quant.model import LeNet5
+from quant.runs import default_config
+from quant.ttq import TTQQuantizer
+from quant.twn import TWNQuantizer
 
 ENCODINGS = ("2bit", "base3")
 # name -> (how the measured value is formed, bar, "max" if the value must stay at or below the bar else "min")
@@ -197,7 +197,7 @@ def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int = 0, device="c
 
 def torchvision_root(data_dir, folder: Path) -> Path:
     """`folder`/MNIST/raw/ holding the four IDX files uncompressed, as torchvision.datasets.MNIST reads them."""
-    from .data import FILES
+    from quant.data import FILES
 
     raw = folder / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -452,7 +452,7 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
 
 def format_report(results: dict) -> str:
     """Throughputs per section, then the ratios against their bars, as fixed-width text."""
-    from .cli import format_table
+    from quant.cli import format_table
 
     rows = [{"what": f"floor fwd+bwd+Adam, batch {bs}", "img_s": r["images_per_s"], "ms": r["ms_per_step"]}
             for bs, r in results["floor"].items()]
