@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .admm import PENALTIES
 from .data import load_mnist
-from .engine import SCHEDULES, DivergenceError, evaluate, train
+from .engine import SCHEDULES, DivergenceError, evaluate, resolve_precision, train
 from .export import rebuild_model
 from .files import atomic_write_json, locked
 from .methods import HYPERPARAMS, METHODS, get_method
@@ -243,7 +243,7 @@ def run_trial(config: dict, data, device="cpu") -> dict:
     try:
         train(model, method, train_only, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
               schedule=config["schedule"], weight_decay=config["weight_decay"], shift=config["shift"],
-              seed=config["seed"], device=device,
+              seed=config["seed"], device=device, precision=resolve_precision(config.get("precision", "fp32"), device),
               progress=False, log=lambda _: None)
         val = evaluate(rebuild_model(method.export(model.cpu())), data.val_x, data.val_y)
         loss = val["loss"] if math.isfinite(val["loss"]) else None  # JSON has no NaN/inf
