@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from quant.cli import ArgumentParser, non_negative_int, pick_device, positive_int, run_main
+from quant.engine import PRECISIONS
 from quant.files import atomic_write_json
 from quant.methods import METHODS
 from quant.study import PackError, Plan, run_study
@@ -45,6 +46,9 @@ def parse_args():
     parser.add_argument("--skip-checksum", action="store_true", help="accept non-MNIST IDX files (synthetic test data)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto = cuda if available (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="training precision: bf16 runs the forward under autocast, auto = bf16 where the device "
+                             "has native bf16 (default: fp32)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: results (--quick: results/quick)")
@@ -65,7 +69,7 @@ def main():
                                "results_dir": args.results_dir}.items() if v is not None}
     common = {"modes": args.modes, "val_size": args.val_size, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
               "verify_checksum": not args.skip_checksum, "device": pick_device(args.device), "reuse": args.reuse,
-              "progress": not args.no_progress}
+              "precision": args.precision, "progress": not args.no_progress}
     plan = Plan.quick(**given, **common) if args.quick else Plan(**given, **common)
     if args.quick:
         plan.seeds = plan.seeds[:1]

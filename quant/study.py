@@ -59,6 +59,7 @@ class Plan:
     data_dir: Path = Path("data")
     verify_checksum: bool = True
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": forward under autocast (quant.engine); "auto": bf16 where the device has it
     reuse: bool = False  # skip training where a checkpoint with the identical config already exists
     progress: bool = True
 
@@ -207,7 +208,7 @@ def run_study(plan: Plan, log=print) -> dict:
             log(f"[{len(rows) + 1}/{total}] {mode} seed {seed}: {len(data.train_y)} training images, "
                 f"{plan.epochs} epoch(s)")
             config = default_config(mode, seed=seed, epochs=plan.epochs, val_size=plan.val_size,
-                                    train_subset=plan.train_subset)
+                                    train_subset=plan.train_subset, precision=plan.precision)
             path = plan.checkpoint(mode, seed)
             ckpt = train_or_reuse(plan, config, data, path, log)
             result = evaluate_checkpoint(path, mode, data, results_path=results_path, tag=plan.tag, device=plan.device)

@@ -557,10 +557,11 @@ def test_stale_or_broken_predictions_are_left_out_with_a_reason(tmp_path):
 
 
 def test_reproduce_writes_predictions_that_fill_the_paired_table(synthetic_mnist, tmp_path):
-    """The real pipeline on synthetic data: two seeds of FP and TWN, then every table checked independently."""
+    """The real pipeline on synthetic data: two seeds of FP and TWN (bf16 training, passed through to the config),
+    then every table checked independently."""
     (tmp_path / "report.md").write_text(DOC)
     done = call_script("reproduce.py", "--modes", "fp", "twn", "--seeds", "0", "1", "--epochs", "1", "--val-size", "64",
-                       "--train-subset", "96", "--skip-checksum", "--no-progress", "--data-dir", synthetic_mnist, "--results-dir", "results",
+                       "--train-subset", "96", "--precision", "bf16", "--skip-checksum", "--no-progress", "--data-dir", synthetic_mnist, "--results-dir", "results",
                        "--checkpoint-dir", "checkpoints", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     results = tmp_path / "results"
@@ -572,6 +573,7 @@ def test_reproduce_writes_predictions_that_fill_the_paired_table(synthetic_mnist
             preds = np.load(results / "predictions" / f"{mode}_seed{seed}.npy")
             assert preds.dtype == np.uint8 and preds.shape == labels.shape
             ckpt = load_checkpoint(tmp_path / "checkpoints" / f"{mode}_seed{seed}.pth")
+            assert ckpt["config"]["precision"] == ckpt["precision"] == "bf16"
             expected = evaluate(rebuild_model(ckpt["export"]), data.test_x, data.test_y)["preds"]
             assert np.array_equal(preds, expected.numpy())
     info = json.loads((results / "study.json").read_text())
