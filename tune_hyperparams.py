@@ -11,6 +11,11 @@ Example:
     python tune_hyperparams.py --mode all --data-dir ../shared/mnist
     python tune_hyperparams.py --mode ttq --set lr=1e-3,3e-3 --set t=0.05,0.1 --epochs 2 --workers 2
     python tune_hyperparams.py --mode admm --sampler tpe --trials 40 --epochs 3 --prune --storage postgresql://host/db
+
+Second stage (quant/confirm.py): `--confirm K` retrains the defaults and the K best configs of each mode's
+recorded search at the full budget (3 epochs, all training images) on seeds 0, 1, 2, scores them on the
+validation split, and writes results/tuning/{mode}_confirm.json and confirm_summary.json:
+    python tune_hyperparams.py --mode all --confirm 2 --data-dir ../shared/mnist
 """
 import argparse
 import json
@@ -21,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from quant import tuning
+from quant import confirm, tuning
+from quant.engine import PRECISIONS
 from quant.cli import ArgumentParser, add_data_args, add_mode_arg, pick_device, positive_int, run_main
 from quant.methods import METHODS
 
-STATE = {"storage": None}
+STATE = {"saved": None}
 
 
 def parse_set(spec: str) -> tuple[str, list[str]]:
@@ -83,8 +89,20 @@ def parse_args():
                              "trials at that epoch (Optuna's MedianPruner; needs --epochs >= 2)")
     parser.add_argument("--out-dir", "--out_dir", default="results/tuning",
                         help="folder for {mode}_tuning.json and tuning_summary.json (default: results/tuning)")
+    parser.add_argument("--confirm", type=int, default=None, metavar="K",
+                        help="instead of searching, retrain the defaults and the K best recorded configs per mode "
+                             "at the full budget (3 epochs, all training images) on --confirm-seeds")
+    parser.add_argument("--confirm-seeds", default="0,1,2", help="seeds of the --confirm runs (default: 0,1,2)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="training precision of --confirm runs (default: fp32)")
     add_data_args(parser)
     args = parser.parse_args()
+    if args.confirm is not None and args.confirm < 0:
+        parser.error("--confirm must be >= 0")
+    try:
+        args.confirm_seeds = [int(s) for s in args.confirm_seeds.split(",")]
+    except ValueError:
+        parser.error(f"--confirm-seeds: {args.confirm_seeds!r} is not a comma-separated list of integers")
     args.modes = list(METHODS) if args.mode == "all" else [args.mode]
     # Every grid value is checked here, so a typo costs a one-line error before any data is read.
     try:
@@ -116,7 +134,17 @@ def run_workers(n: int) -> None:
 
 def main():
     args = parse_args()
-    STATE["storage"] = args.storage or f"sqlite:///{Path(args.out_dir) / tuning.DATABASE}"
+    if args.confirm is not None:
+        STATE["saved"] = f"every finished run is saved in {args.out_dir}"
+        summary = confirm.confirm(args.modes, args.confirm, seeds=args.confirm_seeds, precision=args.precision,
+                                  data_dir=args.data_dir, skip_checksum=args.skip_checksum, tuning_dir=args.out_dir,
+                                  device=args.device)
+        for mode in args.modes:
+            for precision, entry in summary.get(mode, {}).items():
+                print(f"  {mode:5s} {precision}: {entry['choice']}  {json.dumps(entry['config'])}")
+        return
+    STATE["saved"] = ("every finished trial is saved in the study "
+                      f"({args.storage or f'sqlite:///{Path(args.out_dir) / tuning.DATABASE}'})")
     if args.worker:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     elif args.workers > 1:
@@ -144,8 +172,7 @@ def main():
 
 
 def on_interrupt():
-    return (f"every finished trial is saved in the study ({STATE['storage']}); rerun the same command to resume"
-            if STATE["storage"] else "nothing written")
+    return f"{STATE['saved']}; rerun the same command to resume" if STATE["saved"] else "nothing written"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from .admm import PENALTIES
 from .data import load_mnist
-from .engine import SCHEDULES, DivergenceError, evaluate, train
+from .engine import SCHEDULES, DivergenceError, evaluate, resolve_precision, train
 from .export import rebuild_model
 from .files import atomic_write_json
 from .methods import HYPERPARAMS, METHODS, get_method
@@ -154,7 +154,8 @@ def run_trial(config: dict, data, device="cpu", on_epoch=None) -> dict:
     try:
         train(model, method, train_only, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
               schedule=config["schedule"], weight_decay=config["weight_decay"], shift=config["shift"],
-              seed=config["seed"], device=device, progress=False, log=lambda _: None, on_epoch=on_epoch)
+              seed=config["seed"], device=device, precision=resolve_precision(config.get("precision", "fp32"), device),
+              progress=False, log=lambda _: None, on_epoch=on_epoch)
         val = evaluate(rebuild_model(method.export(model.cpu())), data.val_x, data.val_y)
         loss = val["loss"] if math.isfinite(val["loss"]) else None  # JSON has no NaN/inf
         record.update(val_acc=val["acc"], val_loss=loss)
