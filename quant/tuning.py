@@ -55,7 +55,8 @@ GRIDS = {
     "admm": {"lr": [3e-3, 1e-2], "batch_size": [64, 128], "rho": [1e-5, 1e-4, 1e-3], "admm_rounds": [23, 46]},
 }
 
-_positive, _unit_open, _fraction = (lambda v: v > 0, "> 0"), (lambda v: 0 < v < 1, "in (0, 1)"), (lambda v: 0 <= v < 1, "in [0, 1)")
+_positive, _unit_open = (lambda v: v > 0, "> 0"), (lambda v: 0 < v < 1, "in (0, 1)")
+_fraction = (lambda v: 0 <= v < 1, "in [0, 1)")
 # Every tunable key: (type, test, what the test requires), or (type, choices). batch_size >= 2: BatchNorm
 # cannot train on a batch of one. A float key whose test refuses 0 is searched on a log scale by TPE.
 RULES = {"lr": (float, *_positive), "batch_size": (int, lambda v: v >= 2, ">= 2"), "schedule": (str, SCHEDULES),
@@ -106,7 +107,8 @@ def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
     for key in overrides.keys() - set(known):
         which = f"mode {modes[0]} has no" if len(modes) == 1 else f"none of the modes {', '.join(modes)} has a"
         raise ValueError(f"{which} tunable key {key!r} (valid keys: {', '.join(known)})")
-    grids = {m: {**GRIDS[m], **{k: v for k, v in overrides.items() if k in valid[m]}, **per_mode.get(m, {})} for m in modes}
+    grids = {m: {**GRIDS[m], **{k: v for k, v in overrides.items() if k in valid[m]}, **per_mode.get(m, {})}
+             for m in modes}
     for mode, grid in grids.items():
         for key, values in grid.items():
             if key not in valid[mode]:
@@ -139,50 +141,43 @@ def expand(mode: str, grid: dict, budget: dict) -> list[dict]:
 def run_trial(config: dict, data, device="cpu", on_epoch=None) -> dict:
     """Train one config on `data`'s training split; score the deployed model on its validation split.
 
-    `on_epoch(row)` (the pruner) also makes the engine score each epoch's model on the validation split.
-    """
+    The engine never gets the test split, nor the validation split unless `on_epoch` (the pruner) wants
+    each epoch's validation score."""
     torch.manual_seed(config["seed"])
     model = LeNet5().to(device)  # before attach: ADMM's G and U are created on the weights' device
     method = get_method(config["mode"], keep_fp=config["keep_fp"], **config["hyperparams"])
     method.attach(model)
-    # train() never gets the test split (empty tensors), so a trial cannot read it.
-    empty_x, empty_y = data.val_x[:0], data.val_y[:0]
-    val_x, val_y = (data.val_x, data.val_y) if on_epoch else (empty_x, empty_y)
-    train_only = replace(data, val_x=val_x, val_y=val_y, test_x=empty_x, test_y=empty_y)
-    record = {"config": config, "seed": config["seed"]}
-    start = time.perf_counter()
+    none_x, none_y = data.val_x[:0], data.val_y[:0]
+    seen = replace(data, test_x=none_x, test_y=none_y, **({} if on_epoch else {"val_x": none_x, "val_y": none_y}))
+    record, start = {"config": config, "seed": config["seed"]}, time.perf_counter()
     try:
-        train(model, method, train_only, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
+        train(model, method, seen, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
               schedule=config["schedule"], weight_decay=config["weight_decay"], shift=config["shift"],
               seed=config["seed"], device=device, precision=resolve_precision(config.get("precision", "fp32"), device),
               progress=False, log=lambda _: None, on_epoch=on_epoch)
         val = evaluate(rebuild_model(method.export(model.cpu())), data.val_x, data.val_y)
-        loss = val["loss"] if math.isfinite(val["loss"]) else None  # JSON has no NaN/inf
-        record.update(val_acc=val["acc"], val_loss=loss)
+        record.update(val_acc=val["acc"], val_loss=val["loss"] if math.isfinite(val["loss"]) else None)  # JSON: no inf
     except DivergenceError as e:  # a diverging lr is a result of the search, not a crash
         record.update(val_acc=None, val_loss=None, error=str(e))
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    record["threads"] = torch.get_num_threads()  # seconds depend on it (and on what else the machine runs)
-    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return record
+    return {**record, "seconds": round(time.perf_counter() - start, 3),
+            "threads": torch.get_num_threads(),  # seconds depend on it (and on what else the machine runs)
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _read_json(path: Path, empty: dict) -> dict:
     """The JSON object in `path` (`empty` if absent); a foreign or broken file is an error, never overwritten."""
-    if not path.exists():
-        return empty
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text()) if path.exists() else empty
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); move it aside and rerun to rewrite it from the study") from None
-    if not isinstance(doc, dict) or ("trials" in empty and not isinstance(doc.get("trials"), list)):
-        raise ValueError(f"{path}: not a tuning file; move it aside and rerun to rewrite it from the study")
+        raise ValueError(f"{path}: not valid JSON ({e}); move it aside and rerun to rewrite it") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("trials", []), list):
+        raise ValueError(f"{path}: not a tuning file; move it aside and rerun to rewrite it")
     return doc
 
 
 def read_trials(out_dir, mode: str) -> list[dict]:
     """Every trial of `mode` recorded in `out_dir` ([] if none)."""
-    return _read_json(Path(out_dir) / f"{mode}_tuning.json", {"mode": mode, "trials": []})["trials"]
+    return _read_json(Path(out_dir) / f"{mode}_tuning.json", {"trials": []})["trials"]
 
 
 def read_summary(out_dir) -> dict:
@@ -235,7 +230,7 @@ def summarize(trials: list[dict], budget: dict) -> dict | None:
 def open_study(url: str, mode: str, budget: dict, sampler=None, pruner=None) -> optuna.Study:
     """`mode`'s study for `budget` in the RDB storage at `url` (created if new), with heartbeats on."""
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # an interrupted trial: no traceback (a crash raises anyway)
     for attempt in range(10):
         try:  # SQLite admits one writer at a time: wait for the lock rather than fail (Optuna FAQ, SQLite concurrency)
             storage = optuna.storages.RDBStorage(
@@ -311,14 +306,14 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
         sampler_ = (optuna.samplers.GridSampler(grid, seed=seed) if trials is None else
                     optuna.samplers.TPESampler(constant_liar=True))  # unseeded: each worker samples its own
         pruner = optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
-        study, current, total = open_study(url, mode, budget, sampler_, pruner), {}, trials or len(points)
+        study, total = open_study(url, mode, budget, sampler_, pruner), trials or len(points)
 
-        def left() -> int:
-            done = finished(study)
-            return total - len(done) if trials else sum(k not in done for k in points)
+        def left() -> int:  # grid: configs without a finished trial; TPE: trials (a repeated config counts too)
+            if trials:
+                return total - len(study.get_trials(deepcopy=False, states=DONE))
+            return len(points.keys() - finished(study).keys())
 
         def objective(trial):
-            current["number"] = trial.number
             config = trial_config(mode, {k: _suggest(trial, k, v) for k, v in grid.items()}, budget)
             for old in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 if trial_key(old.user_attrs["record"]["config"]) == trial_key(config):  # e.g. in an earlier grid
@@ -343,24 +338,21 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
                 r, n, elapsed = trial.user_attrs["record"], total - left(), time.perf_counter() - start
                 score = ("diverged" if "error" in r else f"pruned at epoch {r['pruned']}") if r["val_acc"] is None \
                     else f"val acc {r['val_acc']:.2f}% loss {r['val_loss'] or math.inf:.4f}"
-                log(f"[{mode} {n}/{total}] {' '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in trial.params.items())}  {score}  "
-                    f"{r.get('seconds', 0):.1f}s  elapsed {timedelta(seconds=round(elapsed))}  "
-                    f"ETA {timedelta(seconds=round(elapsed / max(n - first, 1) * (total - n)))}")
+                params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+                eta = elapsed / max(n - first, 1) * (total - n)
+                log(f"[{mode} {n}/{total}] {params}  {score}  {r.get('seconds', 0):.1f}s  "
+                    f"elapsed {timedelta(seconds=round(elapsed))}  ETA {timedelta(seconds=round(eta))}")
 
         start, first = time.perf_counter(), total - left()
         log(f"{mode}: {first} of {total} trials already finished in study {study.study_name}")
         while left() > 0:
+            # GridSampler never returns to a point whose trial failed (interrupted, or crashed without its
+            # heartbeat's retry queued): once it has visited every point, queue the missing ones.
             if trials is None and sampler_.is_exhausted(study) and not study.get_trials(states=(TrialState.WAITING,)):
-                for key in points.keys() - finished(study).keys():  # failed, no retry queued: GridSampler would not
+                for key in points.keys() - finished(study).keys():
                     study.enqueue_trial(points[key])
-            try:
-                study.optimize(objective, callbacks=[progress] + ([optuna.study.MaxTrialsCallback(total, states=DONE)]
-                                                                  if trials else []))
-            except BaseException:  # Ctrl-C, SIGTERM or a crash: Optuna marked the trial failed; queue it again
-                for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-                    if t.number == current.get("number"):
-                        optuna.storages.RetryHeartbeatStaleTrialCallback()(study, t)
-                raise
+            study.optimize(objective, callbacks=[progress, *([optuna.study.MaxTrialsCallback(total, states=DONE)]
+                                                            if trials else [])])
         write_outputs(study, mode, budget, out_dir, list(points))
     return ran
 
@@ -370,7 +362,7 @@ def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int
     """The best recorded config for `mode` (lr, batch_size, schedule, weight_decay, shift, hyperparams).
 
     With `run_search`, first run the default (short) search for `mode`, with `search_kwargs` (epochs,
-    train_subset, val_size, workers) overriding its budget; finished trials are reused.
+    train_subset, val_size) overriding its budget; finished trials are reused.
     """
     if mode not in METHODS:
         raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")

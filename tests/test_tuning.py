@@ -135,14 +135,13 @@ def test_interrupted_and_killed_searches_rerun_only_the_missing_points(tmp_path,
     args = ["tune_hyperparams.py", "--mode", "fp", "--set", "lr=" + ",".join(map(str, lrs)), "--set",
             "batch_size=64", "--data-dir", synthetic_mnist, "--skip-checksum", "--val-size", VAL,
             "--train-subset", 448, "--out-dir", out]
-    # Ctrl-C after the first trial: exit 130 and a resume hint; the interrupted trial is failed and queued again.
+    # Ctrl-C mid-trial: exit 130 and a resume hint; Optuna marks the interrupted trial failed.
     proc = start_script(*args)
     wait_for_line(proc, "[fp 1/6]")
+    wait_for_running_trial(out)
     _, err = stop(proc, signal.SIGINT)
     assert proc.returncode == 130 and "rerun the same command" in err and "Traceback" not in err, err
-    trials = study(out, "fp").get_trials()
-    for failed in [t for t in trials if t.state == optuna.trial.TrialState.FAIL]:
-        assert any(t.state == optuna.trial.TrialState.WAITING and t.params == failed.params for t in trials)
+    assert optuna.trial.TrialState.FAIL in [t.state for t in study(out, "fp").get_trials()]
     # SIGKILL mid-trial: the trial stays "running" in the study, with nobody behind it.
     proc = start_script(*args)
     wait_for_line(proc, "[fp ")
@@ -247,6 +246,9 @@ def test_tpe_samples_the_range_the_grid_spans(tmp_path, synthetic_mnist):
         assert 1e-3 <= r["config"]["lr"] <= 1e-2 and 64 <= r["config"]["batch_size"] <= 128
         assert r["config"]["hyperparams"]["t"] == 0.05
     assert search(tmp_path, synthetic_mnist, grid, sampler="tpe", trials=3) == []  # the study already has 3
+    # a space of one point: trained once, the repeats reuse its result, and the search still ends
+    one = search(tmp_path / "one", synthetic_mnist, fp_grid(3e-3), sampler="tpe", trials=3)
+    assert len(one) == 1 and len(study(tmp_path / "one", "fp").trials) == 3 and len(trials_in(tmp_path / "one", "fp")) == 1
 
 
 def test_pruned_trials_are_finished_and_recorded_as_pruned(tmp_path, synthetic_mnist, monkeypatch):
