@@ -319,12 +319,13 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
                 if trial_key(old.user_attrs["record"]["config"]) == trial_key(config):  # e.g. in an earlier grid
                     trial.set_user_attr("record", old.user_attrs["record"])
                     return old.value
+            t0 = time.perf_counter()
 
             def report(row):  # --prune: the median rule on each epoch's validation accuracy
                 trial.report(row["val_acc"], row["epoch"])
                 if row["epoch"] < epochs and trial.should_prune():
                     trial.set_user_attr("record", {"config": config, "seed": seed, "val_acc": None, "val_loss": None,
-                                                   "pruned": row["epoch"]})
+                                                   "pruned": row["epoch"], "seconds": round(time.perf_counter() - t0, 3)})
                     raise optuna.TrialPruned()
 
             record = run_trial(config, data, device, on_epoch=report if prune else None)
@@ -340,7 +341,7 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
                     else f"val acc {r['val_acc']:.2f}% loss {r['val_loss'] or math.inf:.4f}"
                 params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
                 eta = elapsed / max(n - first, 1) * (total - n)
-                log(f"[{mode} {n}/{total}] {params}  {score}  {r.get('seconds', 0):.1f}s  "
+                log(f"[{mode} {n}/{total}] {params}  {score}  {r['seconds']:.1f}s  "
                     f"elapsed {timedelta(seconds=round(elapsed))}  ETA {timedelta(seconds=round(eta))}")
 
         start, first = time.perf_counter(), total - left()

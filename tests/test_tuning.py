@@ -258,7 +258,7 @@ def test_pruned_trials_are_finished_and_recorded_as_pruned(tmp_path, synthetic_m
     records = search(tmp_path, synthetic_mnist, fp_grid(1e-3, 3e-3), lines.append, epochs=2, prune=True)
     assert records == []  # no trial ran to the end
     trials = trials_in(tmp_path, "fp")
-    assert [t["pruned"] for t in trials] == [1, 1] and all(t["val_acc"] is None for t in trials)
+    assert [t["pruned"] for t in trials] == [1, 1] and all(t["val_acc"] is None and t["seconds"] > 0 for t in trials)
     assert sum("pruned at epoch 1" in line for line in lines) == 2
     for t in study(tmp_path, "fp").trials:  # reported: the engine's epoch-1 validation accuracy
         assert t.state == optuna.trial.TrialState.PRUNED and 0 <= t.intermediate_values[1] <= 100
