@@ -82,7 +82,7 @@ def choose(runs: list[dict], mode: str, precision: str, epochs: int, seeds: list
     for c in complete:
         accs = [c["accs"][s] for s in seeds]
         diffs = [c["accs"][s] - base[s] for s in seeds]
-        c.update(val_accs=accs, mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        c.update(defaults=c is default, val_accs=accs, mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                  diff_vs_defaults=statistics.fmean(diffs),
                  diff_se=statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0)
         del c["accs"]

@@ -390,17 +390,104 @@ def comparison_table(stats: dict) -> str:
     return markdown(["Method", "This study: test acc. (%)", "Seed study (%)", "TWN paper (%)"], rows)
 
 
+def _knob_text(config: dict, defaults: dict) -> str:
+    """A candidate config as the flags in which it differs from the defaults."""
+    flat = lambda c: {**{k: v for k, v in c.items() if k != "hyperparams"}, **c["hyperparams"]}
+    mine, base = flat(config), flat(defaults)
+    changed = [f"{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"{k.replace('_', '-')} {v}"
+               for k, v in mine.items() if base.get(k) != v]
+    return "defaults" if not changed else ", ".join(changed)
+
+
+def confirm_table(results_dir) -> str:
+    """The confirmation stage (quant/confirm.py): each candidate's full-length validation accuracy over seeds,
+    its paired difference from the defaults ± one standard error, and the one-standard-error choice."""
+    summary = read_json(Path(results_dir) / "tuning" / "confirm_summary.json") or {}
+    rows = []
+    for mode in sorted(summary, key=mode_key):
+        for precision, entry in summary[mode].items():
+            defaults = next(c for c in entry["candidates"] if c.get("defaults"))["config"]
+            for c in sorted(entry["candidates"], key=lambda c: not c.get("defaults")):
+                chosen = "**chosen**" if c["config"] == entry["config"] else ""
+                diff = "—" if c.get("defaults") else f"{c['diff_vs_defaults']:+.2f} ± {c['diff_se']:.2f}"
+                rows.append([label(mode), precision, _knob_text(c["config"], defaults), str(len(c["val_accs"])),
+                             f"{c['mean']:.2f} ± {c['std']:.2f}", diff, chosen])
+    if not rows:
+        return "*No confirmation runs yet: `python tune_hyperparams.py --mode all --confirm K`.*"
+    return markdown(["Method", "Precision", "Candidate (vs defaults)", "Seeds", "Val accuracy (%)",
+                     "Δ vs defaults (pp) ± SE", "Choice"], rows, "lllrrrl")
+
+
+def precision_table(results_dir) -> str:
+    """bf16 against FP32 training of each mode's defaults on the validation split, paired on seeds."""
+    summary = read_json(Path(results_dir) / "tuning" / "confirm_summary.json") or {}
+    rows = []
+    for mode in sorted(summary, key=mode_key):
+        runs = {}
+        for precision in ("fp32", "bf16"):
+            entry = summary[mode].get(precision)
+            default = entry and next((c for c in entry["candidates"] if c.get("defaults")), None)
+            if default:
+                runs[precision] = dict(zip(entry["seeds"], default["val_accs"]))
+        if len(runs) < 2:
+            continue
+        seeds = sorted(set(runs["fp32"]) & set(runs["bf16"]))
+        fp32, bf16 = [runs["fp32"][s] for s in seeds], [runs["bf16"][s] for s in seeds]
+        d = paired_seeds(bf16, fp32)
+        verdict = ("within noise (interval contains 0)" if d["low"] <= 0 <= d["high"] else
+                   "bf16 higher" if d["low"] > 0 else "bf16 lower") if not math.isnan(d["low"]) else NA
+        rows.append([label(mode), str(len(seeds)), pm(fp32), pm(bf16), f"{d['mean']:+.2f}",
+                     f"[{fmt(d['low'], '+.2f')}, {fmt(d['high'], '+.2f')}]", p_value(d["p"]), verdict])
+    if not rows:
+        return ("*No paired precision runs yet: `python tune_hyperparams.py --mode all --confirm 0 --precision fp32` "
+                "and `... --precision bf16`.*")
+    return markdown(["Method", "Seeds", "FP32 val (%)", "bf16 val (%)", "bf16 − FP32 (pp)", "95 % CI", "paired-t p",
+                     "Verdict"], rows, "lrrrrrrl")
+
+
+def speed_table(results_dir) -> str:
+    """Training throughput and the benchmark's ratios against their bars, from results/benchmarks.json."""
+    bench = read_json(Path(results_dir) / "benchmarks.json")
+    if not bench:
+        return "*No benchmark yet: `python benchmarks/bench.py --data-dir ../shared/mnist`.*"
+    rows = []
+    for key, name in (("floor", "floor (fwd + bwd + Adam, one batch in memory)"), ("real_epoch", "real epoch")):
+        for precision, suffix in (("FP32", ""), ("bf16", "_bf16")):
+            for what, r in bench.get(key + suffix, {}).items():
+                label_ = f"{name}, batch {what}" if key == "floor" else f"{name}, {label(what)}"
+                rows.append([label_, precision, f"{r['images_per_s']:,.0f}", f"{r['ms_per_step']:.1f}"])
+    if "naive" in bench:
+        rows.append(["naive torchvision DataLoader epoch", "FP32", f"{bench['naive']['images_per_s']:,.0f}",
+                     f"{bench['naive']['ms_per_step']:.1f}"])
+    table = markdown(["Measurement (fastest of the rounds)", "Precision", "img/s", "ms/step"], rows, "llrr")
+    rows = []
+    for name, r in bench.get("ratios", {}).items():
+        values = r["value"] if isinstance(r["value"], dict) else {"": r["value"]}
+        for key, value in values.items():
+            rounds = [v[key] if key else v for v in r.get("per_round", [])]
+            spread = f"{min(rounds):.2f}–{max(rounds):.2f}" if rounds else "—"
+            ok = value <= r["bar"] if r["bar_is"] == "max" else value >= r["bar"]
+            rows.append([f"{name} {label(key) if key else ''}".strip(), f"{value:.2f}", spread,
+                         f"{'≤' if r['bar_is'] == 'max' else '≥'} {r['bar']:g}", "yes" if ok else "**no**"])
+    m = bench["machine"]
+    ratios = markdown(["Ratio", "Median of rounds", "Rounds min–max", "Bar", "Met"], rows, "lrrll")
+    return (f"{table}\n\n{ratios}\n\n*{m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, "
+            f"{m['torch_threads']} threads, device {m['device']}, {bench['rounds']} rounds.*")
+
+
 def tables(results_dir, tag: str = "study") -> dict:
     """{marker name: markdown} for every generated table."""
     stats = summarize(results_dir, tag)
     return {"results_table": results_table(stats), "seeds_table": seeds_table(stats),
             "deployment_table": deployment_table(stats), "layers_table": layers_table(layer_stats(results_dir, tag)),
             "config_table": config_table(results_dir, tag), "setup_table": setup_table(results_dir),
-            "comparison_table": comparison_table(stats), "paired_table": paired_table(results_dir, tag)}
+            "comparison_table": comparison_table(stats), "paired_table": paired_table(results_dir, tag),
+            "confirm_table": confirm_table(results_dir), "precision_table": precision_table(results_dir),
+            "speed_table": speed_table(results_dir)}
 
 
 TABLES = ("results_table", "seeds_table", "deployment_table", "layers_table", "config_table", "setup_table",
-          "comparison_table", "paired_table")
+          "comparison_table", "paired_table", "confirm_table", "precision_table", "speed_table")
 
 
 def fill(text: str, generated: dict) -> str:

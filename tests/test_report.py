@@ -357,11 +357,17 @@ def expected_values(results_dir: Path, tag="study") -> dict:
     return exp
 
 
+# tables read from results/tuning/ and results/benchmarks.json, which have tests of their own below
+OWN_TESTS = ("confirm_table", "precision_table", "speed_table")
+
+
 def check_tables(text: str, results_dir: Path) -> int:
     """Assert every number in every generated table equals its recomputed value; returns cells checked."""
     parsed, expected = parse_tables(text), expected_values(Path(results_dir))
     checked = 0
     for table in report.TABLES:
+        if table in OWN_TESTS:
+            continue
         if table not in parsed:  # a one-line placeholder instead of a table: right only if there is nothing to show
             assert table in report.marker_names(text) and not expected[table], f"table {table} missing from the document"
             continue
@@ -609,3 +615,36 @@ def test_committed_report_prose_repeats_no_generated_number():
         for value in (f"{report.mean(s['test_acc']):.2f}", f"{report.mean(s['size']) / 1024:,.1f}"):
             if value not in published:  # a published number may coincide with ours and be quoted legitimately
                 assert value not in prose, f"prose repeats generated number {value} ({mode}); cite the table instead"
+
+
+def test_confirm_and_precision_tables_follow_the_confirm_summary(tmp_path):
+    from quant import confirm, report
+    from quant.runs import default_config
+
+    default, other = confirm.knobs(default_config("twn")), confirm.knobs(default_config("twn", lr=1e-2))
+    runs = lambda config, accs, precision: [{"config": config, "seed": s, "precision": precision, "epochs": 3,
+                                             "val_acc": a, "val_loss": 0.1} for s, a in enumerate(accs)]
+    fp32 = runs(default, [99.0, 99.2, 99.1], "fp32") + runs(other, [99.2, 99.4, 99.3], "fp32")
+    bf16 = runs(default, [99.1, 99.1, 99.3], "bf16")
+    summary = {"twn": {p: confirm.choose(fp32 + bf16, "twn", p, 3, [0, 1, 2]) for p in ("fp32", "bf16")}}
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "confirm_summary.json").write_text(json.dumps(summary))
+    table = report.confirm_table(tmp_path)
+    assert "lr 0.01" in table and "+0.20 ± 0.00" in table and table.count("**chosen**") == 2
+    row = next(line for line in report.precision_table(tmp_path).splitlines() if line.startswith("| TWN"))
+    # bf16 - fp32 per seed: +0.1, -0.1, +0.2 -> mean +0.067, the interval contains 0
+    assert "+0.07" in row and "within noise" in row and "| 3 |" in row
+
+
+def test_speed_table_reads_the_benchmark_and_marks_missed_bars(tmp_path):
+    from quant import report
+
+    assert "No benchmark yet" in report.speed_table(tmp_path)
+    bench = {"rounds": 3, "machine": {"cpu": "CPU X", "logical_cpus": 2, "torch": "2", "torch_threads": 2, "device": "cpu"},
+             "floor": {"128": {"images_per_s": 1000.0, "ms_per_step": 12.8}},
+             "real_epoch_bf16": {"fp": {"images_per_s": 1500.0, "ms_per_step": 8.5}},
+             "ratios": {"naive_over_real": {"value": 1.2, "per_round": [1.1, 1.2, 1.4], "bar": 1.3, "bar_is": "min"}}}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(bench))
+    table = report.speed_table(tmp_path)
+    assert "| real epoch, FP32 | bf16 | 1,500 | 8.5 |" in table
+    assert "| naive_over_real | 1.20 | 1.10–1.40 | ≥ 1.3 | **no** |" in table and "CPU X" in table
