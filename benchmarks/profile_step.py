@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find quant/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find quant/ and benchmarks/
 
 import torch  # noqa: E402
 
-from quant import benchmarking  # noqa: E402
+from benchmarks import benchmarking  # noqa: E402
 from quant.cli import ArgumentParser, format_table, positive_int, run_main, seed_everything  # noqa: E402
 from quant.files import atomic_write_json  # noqa: E402
 

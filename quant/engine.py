@@ -1,6 +1,9 @@
 """One training engine for every mode: Adam + an LR schedule over in-memory batches, with method hooks.
 
 Per step:  loss = CE(model(x), y) + method.extra_loss();  Adam step;  schedule step;  method.after_step.
+With precision "bf16" the forward pass runs under `torch.autocast` in bfloat16 (convolutions and matrix
+products in bf16, the quantizers' thresholds and scales in FP32 since autocast leaves those ops alone);
+the loss, the backward's accumulation into the FP32 master weights, Adam and every evaluation stay FP32.
 Per epoch: validation loss/accuracy on the held-out split, one summary line, one history row.
 At the end: method.finish (e.g. ADMM's hard projection) and method.export (codes + scales).
 """
@@ -14,6 +17,7 @@ from tqdm import tqdm
 from .data import MNIST, batches, random_shift
 
 SCHEDULES = ("onecycle", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")
 # Steps between reads of the running loss/accuracy (and NaN checks); each read waits for the device to finish.
 SYNC_EVERY = 20
 
@@ -59,6 +63,26 @@ class RunningStats:
         self.correct += int(torch.stack(corrects).sum())
 
 
+def native_bf16(device) -> bool:
+    """True where `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (oneDNN's bf16 kernels elsewhere emulate it and are slower than FP32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device.type == "cpu" and any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" -> "bf16" where the device has native bf16, else "fp32"; "fp32" and "bf16" are kept as asked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
     """Batches per epoch: full batches plus the remainder when it has >= 2 images (BatchNorm needs two)."""
     return n_images // batch_size + (n_images % batch_size >= 2)
@@ -99,12 +123,17 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) ->
 
 
 def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int, schedule: str = "onecycle",
-          weight_decay: float = 0.0, shift: int = 0, seed: int = 0, device="cpu", progress: bool = True,
-          log=print) -> list[dict]:
+          weight_decay: float = 0.0, shift: int = 0, seed: int = 0, device="cpu", precision: str = "fp32",
+          progress: bool = True, log=print, on_epoch=None) -> list[dict]:
     """Train `model` in place with `method`'s hooks; return the per-epoch history.
 
     `shift` > 0 translates each training image by up to that many pixels (augmentation; 0 = off).
+    `precision` is "fp32" or "bf16" (resolve "auto" with `resolve_precision` first).
+    `on_epoch(row)`, if given, sees each epoch's history row as it is made (tuning's pruner); it may raise to stop.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train: precision must be fp32 or bf16, got {precision!r}")
+    device = torch.device(device)
     model.to(device)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     groups = [{"params": g["params"], "lr": lr * g["lr_mult"]} for g in method.param_groups(model)]
@@ -121,8 +150,9 @@ def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int
         for x, y in batches(train_x, train_y, batch_size, shuffle):
             if shift:
                 x = random_shift(x, shift, shuffle)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             extra = method.extra_loss()
             total = loss if extra is None else loss + extra
             optimizer.zero_grad(set_to_none=True)
@@ -150,5 +180,7 @@ def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int
         extras = "".join(f"  {k} {v:.4g}" for k, v in stats.items())
         log(f"[{method.name}] epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  {row['seconds']:.1f}s{extras}")
+        if on_epoch is not None:
+            on_epoch(row)
     method.finish(model, batches(train_x[:5000], train_y[:5000], 500))
     return history

@@ -12,7 +12,7 @@ from pathlib import Path
 from .files import atomic_write_text, locked
 
 COLUMNS = [
-    "timestamp", "mode", "checkpoint", "tag", "seed", "epochs", "lr", "batch_size", "schedule", "shift", "keep_fp",
+    "timestamp", "mode", "checkpoint", "tag", "seed", "epochs", "lr", "batch_size", "schedule", "shift", "precision", "keep_fp",
     "hyperparams", "test_acc", "test_loss", "val_acc", "total_params", "quantized_params", "bits_per_weight",
     "compression", "zero_frac", "eval_seconds", "train_seconds", "data_checksum", "git_commit",
 ]

@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import environment, load_checkpoint, save_checkpoint, write_history_csv
 from .data import MNIST
-from .engine import DivergenceError, evaluate, train
+from .engine import DivergenceError, evaluate, resolve_precision, train
 from .export import check_ternary, layer_table, rebuild_model, size_summary
 from .methods import DEFAULTS, HYPERPARAMS, get_method
 from .model import LeNet5
@@ -29,7 +29,7 @@ def default_config(mode: str, **overrides) -> dict:
     `hyperparams` in overrides updates the method's hyperparameters rather than replacing them.
     """
     config = {"mode": mode, "lr": DEFAULTS[mode]["lr"], "batch_size": DEFAULTS[mode]["batch_size"], "schedule": "onecycle",
-              "weight_decay": 0.0, "shift": 2, "epochs": 3, "seed": 0, "val_size": 5000, "train_subset": None,
+              "weight_decay": 0.0, "shift": 2, "precision": "fp32", "epochs": 3, "seed": 0, "val_size": 5000, "train_subset": None,
               "keep_fp": [], "hyperparams": dict(HYPERPARAMS[mode])}
     for key, value in overrides.items():
         if key == "hyperparams":
@@ -49,11 +49,11 @@ def train_checkpoint(config: dict, data: MNIST, out, device="cpu", progress: boo
     method = get_method(config["mode"], keep_fp=config["keep_fp"], **config["hyperparams"])
     method.attach(model)
     model.to(device)
+    precision = resolve_precision(config.get("precision", "fp32"), device)
     start = time.perf_counter()
     history = train(model, method, data, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
                     schedule=config["schedule"], weight_decay=config["weight_decay"], shift=config.get("shift", 0),
-                    seed=config["seed"],
-                    device=device, progress=progress, log=log)
+                    seed=config["seed"], device=device, precision=precision, progress=progress, log=log)
     train_seconds = time.perf_counter() - start
     # Huge but finite losses (e.g. --lr 1e6) slip past the engine's NaN check; never save such a model.
     split = "val" if len(data.val_y) else "train"
@@ -68,6 +68,7 @@ def train_checkpoint(config: dict, data: MNIST, out, device="cpu", progress: boo
     ckpt = {
         "mode": config["mode"], "config": config, "history": history, "seed": config["seed"],
         "metrics": {"val_acc": val["acc"], "val_loss": val["loss"], "train_seconds": train_seconds},
+        "precision": precision,
         "data_checksum": data.checksum, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "export": export, **environment(),
     }
@@ -96,6 +97,7 @@ def evaluate_checkpoint(path, mode: str | None, data: MNIST, results_path=None, 
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mode": ckpt["mode"],
         "checkpoint": str(path), "tag": tag, "seed": ckpt["seed"], "epochs": config["epochs"], "lr": config["lr"],
         "batch_size": config["batch_size"], "schedule": config["schedule"], "shift": config.get("shift", 0),
+        "precision": ckpt.get("precision", "fp32"),
         "keep_fp": ",".join(config["keep_fp"]),
         "hyperparams": json.dumps(config["hyperparams"], sort_keys=True), "test_acc": round(test["acc"], 4),
         "test_loss": round(test["loss"], 6), "val_acc": round(ckpt["metrics"]["val_acc"], 4),

@@ -113,3 +113,32 @@ def test_onecycle_survives_very_short_runs(total_steps):
         scheduler.step()
         lrs.append(optimizer.param_groups[0]["lr"])
     assert all(0 < lr <= 1e-3 + 1e-12 for lr in lrs)
+
+
+@pytest.mark.parametrize("mode", list(METHODS))
+def test_bf16_trains_fp32_master_weights_and_lowers_the_loss(synthetic, mode):
+    """bf16 autocast covers the forward only: parameters, scales and the export stay FP32, and it still learns."""
+    model, method, history = run(mode, synthetic, epochs=2, precision="bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    export = method.export(model.cpu())
+    for layer in export["ternary"].values():
+        assert layer["w_p"].dtype == torch.float32 and layer["w_n"].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in export["float"].values() if t.is_floating_point())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    fp32_model, _, _ = run(mode, synthetic, epochs=2)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), fp32_model.parameters()))
+
+
+def test_resolve_precision(monkeypatch):
+    import quant.engine as engine
+
+    assert engine.resolve_precision("fp32", "cpu") == "fp32"
+    assert engine.resolve_precision("bf16", "cpu") == "bf16"  # asked for: emulated where not native
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    assert engine.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    assert engine.resolve_precision("auto", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="choose from fp32, bf16, auto"):
+        engine.resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        train(LeNet5(), get_method("fp"), None, epochs=1, lr=1e-3, batch_size=8, precision="auto")
