@@ -86,7 +86,13 @@ _OP_SCALARS = {"batch_norm": ("eps",), "max_pool2d": ("kernel_size",)}
 
 
 class DeployFormatError(ValueError):
-    """A deployment file (or an export about to become one) is malformed, corrupt or unsupported."""
+    """A deployment file (or an export about to become one) is malformed, corrupt or unsupported.
+
+    The message is one line whatever the file holds: runs of whitespace (newlines in a crafted name) collapse.
+    """
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
 
 
 # ---------------------------------------------------------------- BN folding (pure functions)
@@ -396,7 +402,7 @@ def _check_manifest(manifest, payload_len: int) -> dict:
     def check_keys(obj, keys: set, what: str):
         if not isinstance(obj, dict) or set(obj) != keys:
             got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            fail(f"{what} must be an object with keys {sorted(keys)}, got {str(got):.200}")
+            fail(f"{what} must be an object with keys {sorted(keys)}, got {got!r:.200}")
 
     check_keys(manifest, {"encoding", "bn_folded", "input", "payload_bytes", "ternary", "float", "network",
                           "metadata"}, "the manifest")
@@ -405,11 +411,11 @@ def _check_manifest(manifest, payload_len: int) -> dict:
     except PackingError:
         codec = None
     if codec is None:
-        fail(f"unknown encoding {str(manifest['encoding']):.100}")
+        fail(f"unknown encoding {manifest['encoding']!r:.100}")
     if type(manifest["bn_folded"]) is not bool:
         fail("bn_folded must be true or false")
     if manifest["payload_bytes"] != payload_len or type(manifest["payload_bytes"]) is not int:
-        fail(f"payload_bytes {str(manifest['payload_bytes']):.40} but the file holds {payload_len} payload bytes")
+        fail(f"payload_bytes {manifest['payload_bytes']!r:.40} but the file holds {payload_len} payload bytes")
     if not (isinstance(manifest["metadata"], dict) and all(
             v is None or type(v) in (str, int, float, bool) for v in manifest["metadata"].values())):
         fail("metadata must be an object of strings, numbers, booleans or nulls")
@@ -417,7 +423,7 @@ def _check_manifest(manifest, payload_len: int) -> dict:
     check_keys(spec, {"shape", "divisor", "mean", "std"}, "input")
     if not (isinstance(spec["shape"], list) and len(spec["shape"]) == 3
             and all(_is_int(d, 1, MAX_DIM) for d in spec["shape"]) and math.prod(spec["shape"]) <= MAX_ELEMENTS):
-        fail(f"input shape {str(spec['shape']):.100} is not [C, H, W] of at most {MAX_ELEMENTS} elements")
+        fail(f"input shape {spec['shape']!r:.100} is not [C, H, W] of at most {MAX_ELEMENTS} elements")
     channels = spec["shape"][0]
     if not (_is_number(spec["divisor"]) and spec["divisor"] > 0):
         fail("input divisor must be a number > 0")
@@ -436,7 +442,7 @@ def _check_manifest(manifest, payload_len: int) -> dict:
             if not (isinstance(rec["name"], str) and isinstance(rec["shape"], list) and 1 <= len(rec["shape"]) <= 4
                     and all(_is_int(d, 1, MAX_DIM) for d in rec["shape"])
                     and _is_int(rec["offset"], 0, payload_len) and _is_int(rec["length"], 0, payload_len)):
-                fail(f"malformed {kind} record {str(rec):.200}")
+                fail(f"malformed {kind} record {rec!r:.200}")
             if rec["name"] in records:
                 fail(f"tensor {rec['name']!r} stored twice")
             n = math.prod(rec["shape"])
@@ -445,7 +451,7 @@ def _check_manifest(manifest, payload_len: int) -> dict:
                 fail(f"{rec['name']}: more than {MAX_ELEMENTS} elements stored")
             if kind == "float":
                 if not (isinstance(rec["dtype"], str) and rec["dtype"] in FLOAT_DTYPES):
-                    fail(f"{rec['name']}: unknown dtype {str(rec['dtype']):.40}")
+                    fail(f"{rec['name']}: unknown dtype {rec['dtype']!r:.40}")
                 expected = n * FLOAT_DTYPES[rec["dtype"]].itemsize
             else:
                 expected = codec.nbytes(n) if codec.nbytes else rec["length"]  # a variable-length code checks itself
@@ -474,21 +480,21 @@ def _check_manifest(manifest, payload_len: int) -> dict:
     for i, op in enumerate(network):
         kind = op.get("op") if isinstance(op, dict) else None
         if not (isinstance(kind, str) and kind in _OP_TENSORS):
-            fail(f"op {i}: unknown op {str(op):.100}; valid: {', '.join(_OP_TENSORS)}")
+            fail(f"op {i}: unknown op {op!r:.100}; valid: {', '.join(_OP_TENSORS)}")
         check_keys(op, {"op", *_OP_TENSORS[kind], *_OP_SCALARS.get(kind, ())}, f"op {i} ({kind})")
         for key in _OP_TENSORS[kind]:
             name = op[key]
             if key == "bias" and name is None:
                 continue
             if not (isinstance(name, str) and name in records):
-                fail(f"op {i} ({kind}) refers to missing tensor {str(name):.100}")
+                fail(f"op {i} ({kind}) refers to missing tensor {name!r:.100}")
             if "dtype" not in records[name] and not (key == "weight" and kind in ("conv2d", "linear")):
                 fail(f"op {i} ({kind}): {key} {name!r} is a ternary block; only conv2d / linear weights may be")
             used.add(name)
         if kind == "batch_norm" and not (_is_number(op["eps"]) and op["eps"] > 0):
-            fail(f"op {i}: batch_norm eps {str(op['eps']):.40} is not a number > 0")
+            fail(f"op {i}: batch_norm eps {op['eps']!r:.40} is not a number > 0")
         if kind == "max_pool2d" and not _is_int(op["kernel_size"], 1, MAX_DIM):
-            fail(f"op {i}: max_pool2d kernel_size {str(op['kernel_size']):.40} is not an integer in 1..{MAX_DIM}")
+            fail(f"op {i}: max_pool2d kernel_size {op['kernel_size']!r:.40} is not an integer in 1..{MAX_DIM}")
     if manifest["bn_folded"] and any(op["op"] == "batch_norm" for op in network):
         fail("bn_folded is true but the network has batch_norm ops")
     if set(records) - used:

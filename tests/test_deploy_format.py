@@ -494,6 +494,8 @@ MANIFEST_BREAKS = {
     "shape_type": (edit("float.1.shape", "32"), "malformed"),
     "shape_5d": (edit("float.1.shape", [1, 1, 1, 1, 32]), "malformed"),
     "encoding": (edit("encoding", "3bit"), "encoding"),
+    "encoding_two_lines": (edit("encoding", "2bit\nerror: a second line"), "encoding"),
+    "name_two_lines": (edit("network.0.bias", "conv1.bias\nerror: a second line"), "missing tensor"),
     "dtype": (edit("float.0.dtype", "fp64"), "dtype"),
     "dtype_list": (edit("float.0.dtype", ["fp32"]), "dtype"),
     "duplicate": (edit("float.1.name", "conv1.w_p"), "twice"),
