@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import ArgumentParser, non_negative_int, pick_device, positive_int, run_main
+from quant.cli import ArgumentParser, add_config_flags, non_negative_int, pick_device, positive_int, run_main
 from quant.methods import METHODS
 from quant.study import PackError, Plan, run_study
 
@@ -35,8 +35,7 @@ def parse_args():
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default: 3; --quick: 1)")
     parser.add_argument("--train-subset", "--train_subset", type=positive_int, default=None,
                         help="train on the first N images of each split (default: all; --quick: 5000)")
-    parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,
-                        help="training images held out for validation, a random split per seed (default: 5000)")
+    add_config_flags(parser, "val_size", "precision")
     parser.add_argument("--data-dir", "--data_dir", type=Path, default=Path("data"),
                         help="folder with the four MNIST IDX files, downloaded there if absent (default: data)")
     parser.add_argument("--skip-checksum", action="store_true", help="accept non-MNIST IDX files (synthetic test data)")
@@ -59,7 +58,7 @@ def main():
         torch.set_num_threads(args.threads)
     given = {k: v for k, v in {"seeds": args.seeds, "epochs": args.epochs, "train_subset": args.train_subset,
                                "results_dir": args.results_dir}.items() if v is not None}
-    common = {"modes": args.modes, "val_size": args.val_size, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
+    common = {"modes": args.modes, "val_size": args.val_size, "precision": args.precision, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
               "verify_checksum": not args.skip_checksum, "device": pick_device(args.device), "reuse": args.reuse,
               "progress": not args.no_progress}
     plan = Plan.quick(**given, **common) if args.quick else Plan(**given, **common)

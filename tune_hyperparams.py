@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from quant import tuning
-from quant.cli import ArgumentParser, add_data_args, add_mode_arg, pick_device, positive_int, run_main
+from quant.cli import (ArgumentParser, add_config_flags, add_data_args, add_mode_arg, pick_device, positive_int,
+                       run_main)
 from quant.methods import METHODS
 
 STATE = {"out_dir": None}
@@ -35,8 +36,7 @@ def parse_args():
     parser.add_argument("--epochs", type=positive_int, default=1, help="training epochs per trial (default: 1)")
     parser.add_argument("--train-subset", "--train_subset", type=positive_int, default=20000,
                         help="train each trial on the first N images of the training split (default: 20000)")
-    parser.add_argument("--val-size", "--val_size", type=positive_int, default=5000,
-                        help="training images held out to score trials (random, seeded; default: 5000)")
+    add_config_flags(parser, "val_size", "precision")  # val_size: the images that score every trial
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="trials run in parallel processes, each with cores/N torch threads (default: 1)")
     parser.add_argument("--out-dir", "--out_dir", default="results/tuning",
@@ -61,7 +61,7 @@ def main():
     args = parse_args()
     STATE["out_dir"] = args.out_dir
     tuning.search(args.grids, epochs=args.epochs, train_subset=args.train_subset, val_size=args.val_size,
-                  seed=args.seed, data_dir=args.data_dir, skip_checksum=args.skip_checksum, workers=args.workers,
+                  seed=args.seed, precision=args.precision, data_dir=args.data_dir, skip_checksum=args.skip_checksum, workers=args.workers,
                   out_dir=args.out_dir, device=args.device)
     summary = tuning.read_summary(args.out_dir)
     print(f"\ntuned configs ({Path(args.out_dir) / tuning.SUMMARY}; the defaults are kept unless a config beats them "

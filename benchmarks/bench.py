@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from benchmarks import benchmarking  # noqa: E402
-from quant.cli import (ArgumentParser, add_data_args, non_negative_int, pick_device, positive_int,  # noqa: E402
+from quant.cli import (ArgumentParser, add_config_flags, add_data_args, pick_device, positive_int,  # noqa: E402
                        run_main, seed_everything)
 from quant.data import load_mnist  # noqa: E402
 from quant.files import atomic_write_json  # noqa: E402
@@ -39,10 +39,7 @@ def parse_args():
                              "ratios are the median of the rounds' own ratios (default: 5; --quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the whole run (default: torch's default)")
-    parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,
-                        help="training images held out for validation, as in train.py (default: 5000)")
-    parser.add_argument("--train-subset", "--train_subset", type=positive_int, default=None,
-                        help=f"train on the first N images of the training split (default: all; --quick: {QUICK_TRAIN_IMAGES})")
+    add_config_flags(parser, "val_size", "train_subset")  # --quick: train_subset QUICK_TRAIN_IMAGES
     return parser.parse_args()
 
 

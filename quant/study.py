@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
+from .config import KEYS, default_config
 from .data import MNIST, load_mnist, split_indices
 from .deployment import ENCODINGS, pack_checkpoint, write_results
 from .files import atomic_write_json
 from .methods import METHODS
 from .results import read_results
-from .runs import default_config, evaluate_checkpoint, train_checkpoint
+from .runs import evaluate_checkpoint, train_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HIST_BINS = 100
@@ -46,9 +47,10 @@ class Plan:
     """What one study run trains and where it writes (defaults: the full study of report.md)."""
     modes: list = field(default_factory=lambda: list(METHODS))
     seeds: list = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 3
+    epochs: int = KEYS["epochs"].default
     train_subset: int | None = None
-    val_size: int = 5000
+    val_size: int = KEYS["val_size"].default
+    precision: str = KEYS["precision"].default
     tag: str = "study"
     results_dir: Path = Path("results")
     checkpoint_dir: Path = Path("checkpoints")
@@ -196,7 +198,7 @@ def run_study(plan: Plan, log=print) -> dict:
             log(f"[{len(rows) + 1}/{total}] {mode} seed {seed}: {len(data.train_y)} training images, "
                 f"{plan.epochs} epoch(s)")
             config = default_config(mode, seed=seed, epochs=plan.epochs, val_size=plan.val_size,
-                                    train_subset=plan.train_subset)
+                                    train_subset=plan.train_subset, precision=plan.precision)
             path = plan.checkpoint(mode, seed)
             ckpt = train_or_reuse(plan, config, data, path, log)
             result = evaluate_checkpoint(path, mode, data, results_path=results_path, tag=plan.tag, device=plan.device)

@@ -27,25 +27,23 @@ import os
 import signal
 import threading
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .admm import PENALTIES
+from .config import MODES as METHODS
+from .config import KEYS, default_config, tunable_keys, validate
 from .data import load_mnist
-from .engine import SCHEDULES, DivergenceError, evaluate, train
-from .export import rebuild_model
+from .engine import DivergenceError
+from .errors import ConfigError, QuantError
 from .files import atomic_write_json, locked
-from .methods import HYPERPARAMS, METHODS, get_method
-from .model import LeNet5
-from .runs import default_config
+from .runs import train_run
 
 SUMMARY = "tuning_summary.json"
-TRAIN_KEYS = ("lr", "batch_size", "schedule", "weight_decay", "shift")
-BUDGET_KEYS = ("epochs", "train_subset", "val_size", "seed", "data_checksum")
+TRAIN_KEYS = tuple(tunable_keys("fp"))  # the tunable training knobs of every mode
+BUDGET_KEYS = ("epochs", "train_subset", "val_size", "seed", "precision", "data_checksum")
 
 # Default grids: 69 trials, sized so `tune_hyperparams.py --mode all` (1 epoch on 20,000 images, ~5-8 s a
 # trial on 2 CPU cores) takes about 6-9 minutes. lr spans the useful Adam range around the 3e-3 default;
@@ -61,103 +59,25 @@ GRIDS = {
 }
 
 
-def _number(value, key) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{key}: {value!r} is not a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}: {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{key}: must be finite, got {value!r}")
-    return number
-
-
-def _positive(value, key):
-    number = _number(value, key)
-    if not number > 0:
-        raise ValueError(f"{key}: must be > 0, got {value!r}")
-    return number
-
-
-def _non_negative(value, key):
-    number = _number(value, key)
-    if number < 0:
-        raise ValueError(f"{key}: must be >= 0, got {value!r}")
-    return number
-
-
-def _unit_open(value, key):
-    number = _number(value, key)
-    if not 0 < number < 1:
-        raise ValueError(f"{key}: must be in (0, 1), got {value!r}")
-    return number
-
-
-def _unit_fraction(value, key):
-    number = _number(value, key)
-    if not 0 <= number < 1:
-        raise ValueError(f"{key}: must be in [0, 1), got {value!r}")
-    return number
-
-
-def _int_at_least(low):
-    def check(value, key):
-        number = _number(value, key)
-        if number != int(number) or number < low:
-            raise ValueError(f"{key}: must be an integer >= {low}, got {value!r}")
-        return int(number)
-    return check
-
-
-def _choice(choices, what):
-    def check(value, key):
-        if value not in choices:
-            raise ValueError(f"{key}: {value!r} is not {what} (choose from {', '.join(choices)})")
-        return value
-    return check
-
-
-def _boolean(value, key):
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{key}: {value!r} is not true/false")
-
-
-# Every tunable key and the check that normalises one value (a string from --set, or a JSON value).
-# batch_size >= 2 because BatchNorm cannot train on a batch of one.
-CHECKS = {"lr": _positive, "batch_size": _int_at_least(2), "schedule": _choice(SCHEDULES, "a schedule"),
-          "weight_decay": _non_negative, "shift": _int_at_least(0),
-          "delta_factor": _unit_open, "per_channel": _boolean,
-          "t": _unit_open, "scale_lr": _positive, "warmup_frac": _unit_fraction,
-          "rho": _positive, "rho_growth": _positive, "admm_rounds": _int_at_least(1), "finetune_frac": _unit_fraction,
-          "penalty": _choice(PENALTIES, "an ADMM penalty")}
-
-
 def valid_keys(mode: str) -> list[str]:
     """Keys a grid for `mode` may have: the training knobs plus the method's own hyperparameters."""
-    return [*TRAIN_KEYS, *HYPERPARAMS[mode]]
+    return tunable_keys(mode)
 
 
 def validate_grid(mode: str, grid: dict) -> dict:
     """Check and normalise `grid` ({key: value or [values]}) for `mode`; ValueError names the valid keys."""
     if mode not in METHODS:
-        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
+        raise ConfigError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
     if not isinstance(grid, dict):
-        raise ValueError(f"a grid must be a JSON object {{key: [values]}}, got {type(grid).__name__}")
+        raise ConfigError(f"a grid must be a JSON object {{key: [values]}}, got {type(grid).__name__}")
     out = {}
     for key, values in grid.items():
         if key not in valid_keys(mode):
-            raise ValueError(f"mode {mode} has no tunable key {key!r} (valid keys: {', '.join(valid_keys(mode))})")
+            raise ConfigError(f"mode {mode} has no tunable key {key!r} (valid keys: {', '.join(valid_keys(mode))})")
         values = values if isinstance(values, list) else [values]
         if not values:
-            raise ValueError(f"{key}: empty list of values")
-        check = CHECKS.get(key, _number)  # a hyperparameter added to methods.py later: at least a number
-        normalised = [check(v, key) for v in values]
+            raise ConfigError(f"{key}: empty list of values")
+        normalised = [validate(mode, key, v) for v in values]
         out[key] = list(dict.fromkeys(normalised))  # drop duplicates, keep order
     return out
 
@@ -169,21 +89,21 @@ def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
     ({mode: {key: values}}). A flat key that no listed mode has is refused with the valid keys.
     """
     if not isinstance(overrides or {}, dict):
-        raise ValueError("a grid must be a JSON object {key: [values]} or {mode: {key: [values]}}")
+        raise ConfigError("a grid must be a JSON object {key: [values]} or {mode: {key: [values]}}")
     overrides = dict(overrides or {})
     per_mode = {m: overrides.pop(m) for m in list(overrides) if m in METHODS}
     known = list(dict.fromkeys(k for m in modes for k in valid_keys(m)))
     for key in overrides:
         if key not in known:
             which = f"mode {modes[0]} has no" if len(modes) == 1 else f"none of the modes {', '.join(modes)} has a"
-            raise ValueError(f"{which} tunable key {key!r} (valid keys: {', '.join(known)})")
+            raise ConfigError(f"{which} tunable key {key!r} (valid keys: {', '.join(known)})")
     grids = {}
     for mode in modes:
         grid = {**GRIDS[mode], **{k: v for k, v in overrides.items() if k in valid_keys(mode)}}
         grids[mode] = validate_grid(mode, {**grid, **per_mode.get(mode, {})})
     for mode in per_mode:
         if mode not in modes:
-            raise ValueError(f"the grid names mode {mode}, which is not being tuned (--mode {' / '.join(modes)})")
+            raise ConfigError(f"the grid names mode {mode}, which is not being tuned (--mode {' / '.join(modes)})")
     return grids
 
 
@@ -191,7 +111,7 @@ def parse_set(spec: str) -> tuple[str, list[str]]:
     """'batch-size=64,128' -> ('batch_size', ['64', '128']) (values are checked later by validate_grid)."""
     key, sep, values = spec.partition("=")
     if not sep or not key.strip() or not values.strip():
-        raise ValueError(f"--set {spec!r}: expected key=v1,v2,...")
+        raise ConfigError(f"--set {spec!r}: expected key=v1,v2,...")
     return key.strip().replace("-", "_"), [v.strip() for v in values.split(",")]
 
 
@@ -201,11 +121,11 @@ def read_grid_json(text: str) -> dict:
     try:
         grid = json.loads(text if inline else Path(text).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"--grid: {'inline text' if inline else text} is not valid JSON ({e})") from None
+        raise ConfigError(f"--grid: {'inline text' if inline else text} is not valid JSON ({e})") from None
     except OSError as e:
-        raise ValueError(f"--grid: cannot read {text} ({e.strerror}); pass a JSON file or inline JSON") from None
+        raise ConfigError(f"--grid: cannot read {text} ({e.strerror}); pass a JSON file or inline JSON") from None
     if not isinstance(grid, dict):
-        raise ValueError("--grid: expected a JSON object {key: [values]} or {mode: {key: [values]}}")
+        raise ConfigError("--grid: expected a JSON object {key: [values]} or {mode: {key: [values]}}")
     return grid
 
 
@@ -230,22 +150,10 @@ def expand(mode: str, grid: dict, budget: dict) -> list[dict]:
 
 def run_trial(config: dict, data, device="cpu") -> dict:
     """Train one config on `data`'s training split; score the deployed model on its validation split."""
-    torch.manual_seed(config["seed"])
-    model = LeNet5().to(device)  # before attach: ADMM's G and U are created on the weights' device
-    method = get_method(config["mode"], keep_fp=config["keep_fp"], **config["hyperparams"])
-    method.attach(model)
-    # train() sees only the training split: empty val/test tensors skip its per-epoch validation of the
-    # latent model and make it impossible for a trial to read the test set.
-    empty_x, empty_y = data.val_x[:0], data.val_y[:0]
-    train_only = replace(data, val_x=empty_x, val_y=empty_y, test_x=empty_x, test_y=empty_y)
     record = {"config": config, "seed": config["seed"]}
     start = time.perf_counter()
     try:
-        train(model, method, train_only, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
-              schedule=config["schedule"], weight_decay=config["weight_decay"], shift=config["shift"],
-              seed=config["seed"], device=device,
-              progress=False, log=lambda _: None)
-        val = evaluate(rebuild_model(method.export(model.cpu())), data.val_x, data.val_y)
+        val = train_run(config, data, device, log=lambda _: None, epoch_validation=False)["val"]
         loss = val["loss"] if math.isfinite(val["loss"]) else None  # JSON has no NaN/inf
         record.update(val_acc=val["acc"], val_loss=loss)
     except DivergenceError as e:  # a diverging lr is a result of the search, not a crash
@@ -263,9 +171,9 @@ def _read_json(path: Path, empty: dict) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); move it aside to start a fresh search") from None
+        raise QuantError(f"{path}: not valid JSON ({e}); move it aside to start a fresh search") from None
     if not isinstance(doc, dict) or ("trials" in empty and not isinstance(doc.get("trials"), list)):
-        raise ValueError(f"{path}: not a tuning file; move it aside to start a fresh search")
+        raise QuantError(f"{path}: not a tuning file; move it aside to start a fresh search")
     return doc
 
 
@@ -396,20 +304,20 @@ def _pool_trial(config: dict, device) -> dict:
     return run_trial(config, _WORKER["data"], device)
 
 
-def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, val_size: int = 5000, seed: int = 0,
-           data_dir="data", skip_checksum: bool = False, workers: int = 1, out_dir="results/tuning",
-           device="cpu", log=print) -> list[dict]:
+def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, val_size: int = KEYS["val_size"].default,
+           seed: int = KEYS["seed"].default, precision: str = KEYS["precision"].default, data_dir="data",
+           skip_checksum: bool = False, workers: int = 1, out_dir="results/tuning", device="cpu", log=print) -> list[dict]:
     """Run every not-yet-recorded trial of `grids` ({mode: grid}); returns the records of this run's trials.
 
     workers > 1 runs trials in separate processes, each with cores // workers torch threads.
     """
     if val_size < 1:
-        raise ValueError("tuning needs a validation split: --val-size must be >= 1")
+        raise ConfigError("tuning needs a validation split: --val-size must be >= 1")
     grids = {mode: validate_grid(mode, grid) for mode, grid in grids.items()}
     data_kwargs = {"data_dir": data_dir, "val_size": val_size, "split_seed": seed, "train_subset": train_subset,
                    "verify_checksum": not skip_checksum}
     data = load_mnist(**data_kwargs)
-    budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed,
+    budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed, "precision": precision,
               "data_checksum": data.checksum}
     pending, total = [], 0
     for mode, grid in grids.items():
@@ -460,7 +368,7 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
     return finished
 
 
-def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int = 0, skip_checksum: bool = False,
+def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int = KEYS["seed"].default, skip_checksum: bool = False,
                  out_dir="results/tuning", log=print, **search_kwargs) -> dict:
     """The best recorded config for `mode` (lr, batch_size, schedule, weight_decay, shift, hyperparams).
 
@@ -468,13 +376,13 @@ def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int
     train_subset, val_size, workers) overriding its budget; recorded trials are reused.
     """
     if mode not in METHODS:
-        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
+        raise ConfigError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
     if run_search:
         search(build_grids([mode]), data_dir=data_dir, seed=seed, skip_checksum=skip_checksum, out_dir=out_dir,
                log=log, **search_kwargs)
     summary = read_summary(out_dir)
     if mode not in summary:
-        raise ValueError(f"no tuned config for {mode} in {Path(out_dir) / SUMMARY}; "
+        raise ConfigError(f"no tuned config for {mode} in {Path(out_dir) / SUMMARY}; "
                          f"run python tune_hyperparams.py --mode {mode} first")
     entry = summary[mode]
     return {**{k: entry["config"][k] for k in TRAIN_KEYS}, "hyperparams": dict(entry["config"]["hyperparams"])}

@@ -15,7 +15,7 @@ import torch
 
 import tune_hyperparams
 from conftest import REPO, script_env, start_script, stop, wait_for_line
-from quant import tuning
+from quant import runs, tuning
 from quant.model import LeNet5
 
 VAL = 64  # of the 512 synthetic training images
@@ -119,7 +119,7 @@ def test_unknown_key_is_refused_by_the_library_naming_the_valid_keys():
 @pytest.mark.parametrize("grid, message", [
     ({"lr": [0]}, "lr: must be > 0"), ({"lr": ["abc"]}, "not a number"), ({"lr": [float("nan")]}, "finite"),
     ({"batch_size": [1.5]}, "integer >= 2"), ({"batch_size": [True]}, "not a number"), ({"lr": []}, "empty"),
-    ({"delta_factor": [1.0]}, "(0, 1)"), ({"schedule": ["step"]}, "not a schedule"),
+    ({"delta_factor": [1.0]}, "(0, 1)"), ({"schedule": ["step"]}, "not one of onecycle"),
 ])
 def test_bad_values_are_refused(grid, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -181,7 +181,7 @@ def test_two_writers_of_the_same_files_lose_nothing(tmp_path):
 def test_scoring_uses_the_deployed_model_on_the_validation_split_never_the_test_set(tmp_path, synthetic_mnist,
                                                                                      monkeypatch):
     seen = {}
-    real_load, real_train, real_evaluate = tuning.load_mnist, tuning.train, tuning.evaluate
+    real_load, real_train, real_evaluate = tuning.load_mnist, runs.train, runs.evaluate
 
     def load_with_poisoned_test_set(*args, **kwargs):
         data = real_load(*args, **kwargs)
@@ -199,8 +199,8 @@ def test_scoring_uses_the_deployed_model_on_the_validation_split_never_the_test_
         return real_evaluate(model, x, y, *args, **kwargs)
 
     monkeypatch.setattr(tuning, "load_mnist", load_with_poisoned_test_set)
-    monkeypatch.setattr(tuning, "train", spy_train)
-    monkeypatch.setattr(tuning, "evaluate", spy_evaluate)
+    monkeypatch.setattr(runs, "train", spy_train)  # a trial is runs.train_run
+    monkeypatch.setattr(runs, "evaluate", spy_evaluate)
     grid = {"ttq": {"lr": [3e-3], "batch_size": [64], "t": [0.05]}}
     [record] = tuning.search(grid, data_dir=synthetic_mnist, out_dir=tmp_path, log=lambda _: None, **BUDGET)
 
