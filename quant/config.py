@@ -53,10 +53,10 @@ class Key:
 
 KEYS = {k.name: k for k in [
     # Per-mode lr and batch size: chosen on the validation split (report.md, "Defaults").
-    Key("lr", {"fp": 3e-3, "twn": 3e-3, "ttq": 1e-2, "admm": 1e-2}, float, "> 0", "peak learning rate (Adam)",
+    Key("lr", {"fp": 3e-3, "twn": 3e-3, "ttq": 1e-2, "admm": 1e-2}, float, "> 0", "peak learning rate of Adam",
         tunable=True),
     Key("batch_size", {"fp": 128, "twn": 128, "ttq": 64, "admm": 64}, int, ">= 2",
-        "mini-batch size (BatchNorm needs 2)", tunable=True),
+        "mini-batch size, at least 2 for BatchNorm", tunable=True),
     Key("schedule", "onecycle", SCHEDULES, None, "LR schedule", tunable=True),
     Key("weight_decay", 0.0, float, ">= 0", "Adam L2 weight decay", tunable=True),
     Key("shift", 2, int, ">= 0", "augmentation: translate each training image by up to N pixels, 0 = off",
@@ -69,7 +69,7 @@ KEYS = {k.name: k for k in [
     Key("train_subset", None, int, ">= 1", "train on only the first N images of the training split (quick runs)"),
     Key("keep_fp", [], parse_keep_fp, None, "layers left full precision: first, last, or names (conv1,conv2,fc1,fc2)"),
     # TWN, arXiv 1605.04711: 0.7 is the constant of the authors' Caffe code; v3 of the paper writes 0.75 (Eq. 6).
-    Key("delta_factor", 0.7, float, "(0, 1)", "TWN: delta = f * mean|W|", "twn", True),
+    Key("delta_factor", 0.7, float, "(0, 1)", "TWN: delta = f * mean|W|; v3 of the paper writes f = 0.75", "twn", True),
     Key("per_channel", False, bool, None, "TWN: delta and alpha per output channel (paper v3, Alg. 1)", "twn", True),
     # TTQ, arXiv 1612.01064: t = 0.05 (Sec. 3, Eq. 9); w_p, w_n at the weights' lr as in the official code.
     Key("t", 0.05, float, "(0, 1)", "TTQ: delta = t * max|W|", "ttq", True, ("--t", "--threshold")),
@@ -207,6 +207,8 @@ def resolve(mode: str, given: dict, base: dict | None = None) -> dict:
 def describe_default(key: Key) -> str:
     """The default as help text shows it ("fp 0.003, twn 0.003, ..." where each mode has its own)."""
     def show(v):
+        if isinstance(v, bool):
+            return "on" if v else "off"
         return "all" if v is None else "none" if v in ("", []) else f"{v:g}" if isinstance(v, float) else str(v)
 
     if isinstance(key.default, dict):
