@@ -8,12 +8,17 @@ rerun of the same command skips the recorded trials.
 Example:
     python tune_hyperparams.py --mode all --data-dir ../shared/mnist
     python tune_hyperparams.py --mode ttq --set lr=1e-3,3e-3 --set t=0.05,0.1 --epochs 2 --workers 2
+
+Second stage (quant/confirm.py): `--confirm K` retrains the defaults and the K best configs of each mode's
+recorded search at the full budget (3 epochs, all training images) on seeds 0, 1, 2, scores them on the
+validation split, and writes results/tuning/{mode}_confirm.json and confirm_summary.json:
+    python tune_hyperparams.py --mode all --confirm 2 --data-dir ../shared/mnist
 """
 import argparse
 import json
 from pathlib import Path
 
-from quant import tuning
+from quant import confirm, tuning
 from quant.cli import (ArgumentParser, add_config_flags, add_data_args, add_mode_arg, pick_device, positive_int,
                        run_main)
 from quant.methods import METHODS
@@ -41,8 +46,18 @@ def parse_args():
                         help="trials run in parallel processes, each with cores/N torch threads (default: 1)")
     parser.add_argument("--out-dir", "--out_dir", default="results/tuning",
                         help="folder for {mode}_tuning.json and tuning_summary.json (default: results/tuning)")
+    parser.add_argument("--confirm", type=int, default=None, metavar="K",
+                        help="instead of searching, retrain the defaults and the K best recorded configs per mode "
+                             "at the full budget (3 epochs, all training images) on --confirm-seeds")
+    parser.add_argument("--confirm-seeds", default="0,1,2", help="seeds of the --confirm runs (default: 0,1,2)")
     add_data_args(parser)
     args = parser.parse_args()
+    if args.confirm is not None and args.confirm < 0:
+        parser.error("--confirm must be >= 0")
+    try:
+        args.confirm_seeds = [int(s) for s in args.confirm_seeds.split(",")]
+    except ValueError:
+        parser.error(f"--confirm-seeds: {args.confirm_seeds!r} is not a comma-separated list of integers")
     args.modes = list(METHODS) if args.mode == "all" else [args.mode]
     # Every grid value is checked here, so a typo costs a one-line error before any data is read.
     try:
@@ -60,9 +75,17 @@ def parse_args():
 def main():
     args = parse_args()
     STATE["out_dir"] = args.out_dir
+    if args.confirm is not None:
+        summary = confirm.confirm(args.modes, args.confirm, seeds=args.confirm_seeds, precision=args.precision,
+                                  data_dir=args.data_dir, skip_checksum=args.skip_checksum, tuning_dir=args.out_dir,
+                                  device=args.device)
+        for mode in args.modes:
+            for precision, entry in summary.get(mode, {}).items():
+                print(f"  {mode:5s} {precision}: {entry['choice']}  {json.dumps(entry['config'])}")
+        return
     tuning.search(args.grids, epochs=args.epochs, train_subset=args.train_subset, val_size=args.val_size,
-                  seed=args.seed, precision=args.precision, data_dir=args.data_dir, skip_checksum=args.skip_checksum, workers=args.workers,
-                  out_dir=args.out_dir, device=args.device)
+                  seed=args.seed, precision=args.precision, data_dir=args.data_dir, skip_checksum=args.skip_checksum,
+                  workers=args.workers, out_dir=args.out_dir, device=args.device)
     summary = tuning.read_summary(args.out_dir)
     print(f"\ntuned configs ({Path(args.out_dir) / tuning.SUMMARY}; the defaults are kept unless a config beats them "
           "by more than one standard error):")

@@ -19,6 +19,7 @@ from benchmarks import benchmarking  # noqa: E402
 from quant.cli import (ArgumentParser, add_config_flags, add_data_args, pick_device, positive_int,  # noqa: E402
                        run_main, seed_everything)
 from quant.data import load_mnist  # noqa: E402
+from quant.engine import PRECISIONS, native_bf16  # noqa: E402
 from quant.files import atomic_write_json  # noqa: E402
 
 QUICK_TRAIN_IMAGES = 2560  # 20 steps of 128
@@ -39,6 +40,9 @@ def parse_args():
                              "ratios are the median of the rounds' own ratios (default: 5; --quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the whole run (default: torch's default)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="besides FP32, also time bf16 autocast training: auto = where the device has native "
+                             "bf16, bf16 = always, fp32 = never (default: auto)")
     add_config_flags(parser, "val_size", "train_subset")  # --quick: train_subset QUICK_TRAIN_IMAGES
     return parser.parse_args()
 
@@ -54,8 +58,10 @@ def main():
     if args.quick:  # trim the evaluated splits too (the training images stay those of --val-size's split)
         data.val_x, data.val_y = data.val_x[:1000], data.val_y[:1000]
         data.test_x, data.test_y = data.test_x[:1000], data.test_y[:1000]
+    device = pick_device(args.device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16(device))
     results = benchmarking.run(data, args.data_dir, val_size=args.val_size, train_subset=subset, quick=args.quick,
-                               seed=args.seed, device=pick_device(args.device), rounds=args.rounds,
+                               seed=args.seed, device=device, rounds=args.rounds, bf16=bf16,
                                log=lambda line: print(f"... {line}", flush=True))
     atomic_write_json(args.out, results)
     print(benchmarking.format_report(results))

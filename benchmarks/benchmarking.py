@@ -11,6 +11,8 @@
     deployment   pack / unpack / load_inference of the 2-bit and base-3 files; inference from the packed file
                  vs the FP model (quant.export.rebuild_model of an FP export) over the test set
     quantizers   per-step cost of each method's own work on the four layers, in ms
+    bf16         where the CPU/GPU has native bfloat16 (or when asked): the floor and every mode's real epoch
+                 again with the forward under torch.autocast(bfloat16), as `train.py --precision bf16` runs
 
 An epoch's `loop_seconds` is its steps only: the history row's seconds minus a separately timed validation
 pass over the same split; `epoch_seconds` is the whole train() call. Ratios are of seconds per image (or
@@ -40,7 +42,7 @@ from quant import admm
 from quant.config import MODES, default_config, hyperparams
 from quant.data import MEAN, STD, MNIST, find_idx_file, split_indices
 from quant.deploy_format import load_inference, pack, unpack
-from quant.engine import evaluate, make_optimizer, resolve_precision, steps_per_epoch, train
+from quant.engine import evaluate, make_optimizer, steps_per_epoch, train
 from quant.export import rebuild_model
 from quant.model import LeNet5
 from quant.runs import TRAIN_ARGS, build
@@ -54,6 +56,9 @@ BARS = {
     "ternary_step_over_fp_step": ("each ternary mode's s/step / FP s/step (steps only)", 1.25, "max"),
     "naive_over_real": ("naive torchvision pipeline s/img / real FP epoch s/img (steps only)", 1.3, "min"),
     "packed_over_fp_inference": ("packed-file inference img/s / FP model img/s", 0.8, "min"),
+    "bf16_epoch_over_bf16_floor": ("bf16 FP real epoch s/img / bf16 floor s/img (steps only)", 1.10, "max"),
+    "fp_fp32_step_over_bf16_step": ("FP mode: FP32 s/step / bf16 s/step (steps only)", 1.4, "min"),
+    "ternary_fp32_step_over_bf16_step": ("each ternary mode: FP32 s/step / bf16 s/step (steps only)", 1.3, "min"),
 }
 
 
@@ -107,9 +112,9 @@ def machine_info(device) -> dict:
 
 # ---------------------------------------------------------------- 1. compute floor
 
-def floor_steps(x: torch.Tensor, y: torch.Tensor, steps: int, device="cpu"):
+def floor_steps(x: torch.Tensor, y: torch.Tensor, steps: int, device, precision: str):
     """A function running `steps` forward + backward + Adam steps (the engine's optimizer) of a fresh LeNet-5
-    on the one batch (x, y)."""
+    on the one batch (x, y); with precision "bf16" the forward runs under autocast, as in the engine."""
     torch.manual_seed(0)
     model = LeNet5().to(device).train()
     optimizer = make_optimizer([{"params": list(model.parameters())}], lr=1e-3, weight_decay=0.0)
@@ -117,22 +122,24 @@ def floor_steps(x: torch.Tensor, y: torch.Tensor, steps: int, device="cpu"):
 
     def run():
         for _ in range(steps):
-            loss = F.cross_entropy(model(x), y)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     return run
 
 
-def floor(data: MNIST, batch_size: int, steps: int, repeats: int = 1, device="cpu") -> dict:
+def floor(data: MNIST, batch_size: int, steps: int, repeats: int, device, precision: str) -> dict:
     """Images/s of forward + backward + Adam on one batch already in memory: the median of `repeats` passes of
     `steps` steps, after a 5-step warm-up."""
     x, y = data.train_x[:batch_size], data.train_y[:batch_size]
-    floor_steps(x, y, 5, device)()  # warm-up: allocator, oneDNN primitives
-    run = floor_steps(x, y, steps, device)
+    floor_steps(x, y, 5, device, precision)()  # warm-up: allocator, oneDNN primitives
+    run = floor_steps(x, y, steps, device, precision)
     seconds = median_seconds(run, repeats, warmup=0, device=device)
     n = min(batch_size, len(data.train_y))
-    return {"batch_size": n, "steps": steps, "repeats": repeats, "seconds": seconds,
+    return {"batch_size": n, "precision": precision, "steps": steps, "repeats": repeats, "seconds": seconds,
             "ms_per_step": 1e3 * seconds / steps, "images_per_s": n * steps / seconds}
 
 
@@ -141,7 +148,7 @@ def profile_floor(x: torch.Tensor, y: torch.Tensor, steps: int, top: int = 15) -
     and as a share of all operators' self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    run = floor_steps(x, y, steps)
+    run = floor_steps(x, y, steps, "cpu", "fp32")
     run()  # warm-up: allocator, oneDNN primitives
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
@@ -154,7 +161,7 @@ def profile_floor(x: torch.Tensor, y: torch.Tensor, steps: int, top: int = 15) -
 
 # ---------------------------------------------------------------- 2. the real training epoch
 
-def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int, device="cpu") -> tuple[dict, dict]:
+def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int, device, precision: str) -> tuple[dict, dict]:
     """One full epoch of quant.engine.train in `mode` with its default config; returns (timings, export)."""
     # TTQ without its FP warm-up, so that every timed step is a ternary step
     config = default_config(mode, epochs=1, batch_size=batch_size, seed=seed,
@@ -162,8 +169,7 @@ def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int, device="cpu")
 
     warm_data = MNIST(data.train_x[:4 * batch_size], data.train_y[:4 * batch_size], data.val_x[:batch_size],
                       data.val_y[:batch_size], data.test_x[:0], data.test_y[:0], data.checksum)
-    kwargs = dict(**{k: config[k] for k in TRAIN_ARGS}, precision=resolve_precision(config["precision"], device),
-                  device=device, log=lambda line: None)
+    kwargs = dict(**{k: config[k] for k in TRAIN_ARGS}, precision=precision, device=device, log=lambda line: None)
     train(*build(config, device), warm_data, progress=False, **kwargs)  # warm-up: allocator, kernels, oneDNN primitives
     model, method = build(config, device)  # as runs.train_run builds it
     history = []
@@ -174,7 +180,7 @@ def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int, device="cpu")
     loop_seconds = row["seconds"] - val_seconds
     steps = steps_per_epoch(len(data.train_y), batch_size)
     model.cpu()
-    timings = {"mode": mode, "images": len(data.train_y), "steps": steps, "batch_size": batch_size,
+    timings = {"mode": mode, "precision": precision, "images": len(data.train_y), "steps": steps, "batch_size": batch_size,
                "progress_bar": "tqdm, drawn into os.devnull", "epoch_seconds": epoch_seconds,
                "loop_seconds": loop_seconds, "validation_seconds": val_seconds,
                "finish_seconds": epoch_seconds - row["seconds"], "ms_per_step": 1e3 * loop_seconds / steps,
@@ -336,14 +342,21 @@ def keep_fastest(table: dict, key: str, timings: dict) -> None:
     table[key] = {**best, "rounds_measured": rounds}
 
 
-def training_ratios(floor_: dict, epochs: dict, naive: dict, batch_size: int) -> dict:
-    """The three training ratios of one set of measurements (seconds over seconds)."""
+def training_ratios(floor_: dict, epochs: dict, naive: dict, batch_size: int, floor_bf16: dict | None = None,
+                    epochs_bf16: dict | None = None) -> dict:
+    """The training ratios of one set of measurements (seconds over seconds); the bf16 ones where measured."""
     fp = epochs["fp"]
-    return {
+    out = {
         "fp_epoch_over_floor": floor_[str(batch_size)]["images_per_s"] / fp["images_per_s"],
         "ternary_step_over_fp_step": {m: e["ms_per_step"] / fp["ms_per_step"] for m, e in epochs.items() if m != "fp"},
         "naive_over_real": fp["images_per_s"] / naive["images_per_s"],
     }
+    if floor_bf16 and epochs_bf16:
+        speedup = {m: epochs[m]["ms_per_step"] / e["ms_per_step"] for m, e in epochs_bf16.items()}
+        out.update(bf16_epoch_over_bf16_floor=floor_bf16[str(batch_size)]["images_per_s"] / epochs_bf16["fp"]["images_per_s"],
+                   fp_fp32_step_over_bf16_step=speedup["fp"],
+                   ternary_fp32_step_over_bf16_step={m: v for m, v in speedup.items() if m != "fp"})
+    return out
 
 
 def median_over_rounds(values: list):
@@ -360,7 +373,8 @@ def ratios(results: dict, batch_size: int, per_round: list[dict] | None = None) 
     without rounds, or for the packed-inference ratio (measured once, its two sides interleaved), the value
     comes from `results`' tables. `from_fastest_rounds` keeps the ratio of the fastest rounds for comparison.
     """
-    fastest = training_ratios(results["floor"], results["real_epoch"], results["naive"], batch_size)
+    fastest = training_ratios(results["floor"], results["real_epoch"], results["naive"], batch_size,
+                              results.get("floor_bf16"), results.get("real_epoch_bf16"))
     rounds = per_round or [fastest]
     deployment_ = results["deployment"]
     packed = deployment_["inference_packed_2bit"]["images_per_s"] / deployment_["inference_fp_model"]["images_per_s"]
@@ -371,8 +385,10 @@ def ratios(results: dict, batch_size: int, per_round: list[dict] | None = None) 
         if name in fastest:
             entry.update(value=median_over_rounds([r[name] for r in rounds]), per_round=[r[name] for r in rounds],
                          from_fastest_rounds=fastest[name])
-        else:
+        elif name == "packed_over_fp_inference":
             entry.update(value=packed)
+        else:  # a bf16 ratio of a run without bf16
+            continue
         value = entry["value"]
         entry["pass"] = all(map(ok, value.values())) if isinstance(value, dict) else ok(value)
         out[name] = entry
@@ -381,11 +397,12 @@ def ratios(results: dict, batch_size: int, per_round: list[dict] | None = None) 
 
 def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool = False, batch_sizes=(64, 128),
         train_batch_size: int = 128, modes=MODES, seed: int, device="cpu", rounds: int | None = None,
-        log=print) -> dict:
+        bf16: bool = False, log=print) -> dict:
     """Every measurement above, in order; returns the JSON-ready results.
 
     `rounds` (default 5, --quick 1) interleaved repetitions of every timed pipeline: the tables keep each
-    pipeline's fastest round, the training ratios are the median of the rounds' own ratios.
+    pipeline's fastest round, the training ratios are the median of the rounds' own ratios. `bf16` adds, in
+    every round after the FP32 pipelines, the bf16 floor (training batch size) and each mode's bf16 real epoch.
 
     `data` is load_mnist(data_dir, val_size, split_seed=seed, train_subset) (the caller may trim its test set);
     the naive pipeline re-reads `data_dir` through torchvision and trains on the same images.
@@ -398,6 +415,8 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
     rounds = rounds or (1 if quick else 5)
     results = {"quick": quick, "machine": machine_info(device), "rounds": rounds, "floor": {}, "real_epoch": {},
                "per_round_ms_per_step": []}
+    if bf16:
+        results.update(floor_bf16={}, real_epoch_bf16={})
     # A shared machine drifts by 10-20 % over minutes. Every timed pipeline runs once per round and the rounds
     # interleave them; the tables keep each pipeline's fastest round (the least-disturbed run), and each ratio
     # is formed within a round, then the median over rounds taken. Ratios of fastest rounds taken minutes apart
@@ -411,20 +430,34 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
             # an epoch's worth of steps in one pass, as the real epoch runs, so that the short stalls of a shared
             # machine weigh on both alike (the median of five 50-step passes skipped them: floor / FP 1.12)
             steps = 3 if quick else steps_per_epoch(len(data.train_y), bs)
-            this["floor"][str(bs)] = floor(data, bs, steps, repeats=2 if quick else 1, device=device)
+            this["floor"][str(bs)] = floor(data, bs, steps, 2 if quick else 1, device, "fp32")
             keep_fastest(results["floor"], str(bs), this["floor"][str(bs)])
         for mode in ["fp", *(m for m in modes if m != "fp")]:
             log(f"[round {round_}/{rounds}] real epoch, {mode} ({len(data.train_y)} images)")
-            this["real_epoch"][mode], exports[mode] = real_epoch(mode, data, train_batch_size, seed, device)
+            this["real_epoch"][mode], exports[mode] = real_epoch(mode, data, train_batch_size, seed, device, "fp32")
             keep_fastest(results["real_epoch"], mode, this["real_epoch"][mode])
             if mode == "fp":
                 log(f"[round {round_}/{rounds}] naive torchvision epoch")
                 this["naive"] = naive_epoch(data_dir, train_batch_size, val_size, seed, train_subset, device)
                 keep_fastest(results, "naive", this["naive"])
-        per_round.append(training_ratios(this["floor"], this["real_epoch"], this["naive"], train_batch_size))
+        if bf16:  # the same pipelines again under bf16 autocast: its floor first, then each mode's epoch
+            log(f"[round {round_}/{rounds}] bf16 floor, batch {train_batch_size}")
+            steps = 3 if quick else steps_per_epoch(len(data.train_y), train_batch_size)
+            this["floor_bf16"] = {str(train_batch_size): floor(data, train_batch_size, steps, 2 if quick else 1,
+                                                               device, "bf16")}
+            keep_fastest(results["floor_bf16"], str(train_batch_size), this["floor_bf16"][str(train_batch_size)])
+            this["real_epoch_bf16"] = {}
+            for mode in ["fp", *(m for m in modes if m != "fp")]:
+                log(f"[round {round_}/{rounds}] bf16 real epoch, {mode}")
+                this["real_epoch_bf16"][mode], _ = real_epoch(mode, data, train_batch_size, seed, device, "bf16")
+                keep_fastest(results["real_epoch_bf16"], mode, this["real_epoch_bf16"][mode])
+        per_round.append(training_ratios(this["floor"], this["real_epoch"], this["naive"], train_batch_size,
+                                         this.get("floor_bf16"), this.get("real_epoch_bf16")))
         results["per_round_ms_per_step"].append({
             "floor": {bs: t["ms_per_step"] for bs, t in this["floor"].items()}, "naive": this["naive"]["ms_per_step"],
-            "real_epoch": {mode: t["ms_per_step"] for mode, t in this["real_epoch"].items()}})
+            "real_epoch": {mode: t["ms_per_step"] for mode, t in this["real_epoch"].items()},
+            **({"floor_bf16": {bs: t["ms_per_step"] for bs, t in this["floor_bf16"].items()},
+                "real_epoch_bf16": {m: t["ms_per_step"] for m, t in this["real_epoch_bf16"].items()}} if bf16 else {})})
     if results["naive"]["images"] != len(data.train_y):
         raise ValueError(f"the naive pipeline saw {results['naive']['images']} training images, the real one "
                          f"{len(data.train_y)}: pass the val_size / train_subset that loaded `data`")
@@ -451,6 +484,10 @@ def format_report(results: dict) -> str:
              for m, r in results["real_epoch"].items()]
     rows += [{"what": f"real epoch {m} (+ validation, finish)", "img_s": r["images_per_s_with_validation_and_finish"],
               "ms": 1e3 * r["epoch_seconds"] / r["steps"]} for m, r in results["real_epoch"].items()]
+    rows += [{"what": f"bf16 floor fwd+bwd+Adam, batch {bs}", "img_s": r["images_per_s"], "ms": r["ms_per_step"]}
+             for bs, r in results.get("floor_bf16", {}).items()]
+    rows += [{"what": f"bf16 real epoch {m} (steps only)", "img_s": r["images_per_s"], "ms": r["ms_per_step"]}
+             for m, r in results.get("real_epoch_bf16", {}).items()]
     naive, ev, dep = results["naive"], results["evaluate"], results["deployment"]
     rows += [{"what": "naive torchvision DataLoader epoch", "img_s": naive["images_per_s"], "ms": naive["ms_per_step"]},
              {"what": "evaluate, test set", "img_s": ev["images_per_s"], "ms": "-"}]

@@ -1,7 +1,8 @@
 """The study's figures, drawn from results/ alone (never a checkpoint), with matplotlib's Agg backend.
 
     results_comparison.png  test accuracy vs deployed size on disk, mean ± std over seeds   (results.csv, deployment.csv)
-    training_curves.png     validation accuracy and loss per epoch, seeds overlaid            (history/*.csv, results.csv)
+    training_curves.png     validation accuracy and loss per epoch, seeds overlaid; hollow    (history/*.csv, results.csv)
+                            points were scored on full-precision, not ternary, weights
     weight_histograms.png   latent weights per layer and mode, ±delta and the code mix        (weights/*.json)
     sparsity_bytes.png      zero fraction of deployed codes; bytes per layer per encoding     (deployment.csv)
     admm_residual.png       ADMM primal residual ||W - G|| / ||W|| and rho per epoch          (history/admm_*.csv)
@@ -26,6 +27,11 @@ from .results import ResultsError  # noqa: E402
 DPI = 150
 COLORS = {"fp": "#4d4d4d", "twn": "#1f77b4", "ttq": "#d62728", "admm": "#2ca02c"}
 MARKERS = {"fp": "o", "twn": "s", "ttq": "^", "admm": "D"}
+STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # one line style per seed (five by default)
+# How Figure 2 marks a validation point, by the history's val_ternary column (None: an older file without it).
+POINTS = {True: ("o", None, "validation on ternary weights"),
+          False: ("o", "white", "validation on full-precision weights (FP32, TTQ's warm-up, ADMM before projection)"),
+          None: ("x", None, "weights not recorded (history without val_ternary)")}
 
 
 class MissingInput(FileNotFoundError):
@@ -160,6 +166,12 @@ def plot_comparison(results_dir, out_dir, tag="study") -> Path:
 
 # ---------------------------------------------------------------- 2. training curves
 
+def val_ternary(row: dict):
+    """True / False: the epoch's validation point used ternary / full-precision weights; None if not recorded."""
+    value = str(row.get("val_ternary") or "").strip().lower()
+    return {"1": True, "1.0": True, "true": True, "0": False, "0.0": False, "false": False}.get(value)
+
+
 def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
     runs = _runs(results_dir, tag, "history", ".csv")
     modes = sorted({m for m, _, _ in runs}, key=mode_key)
@@ -169,23 +181,29 @@ def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
         deployed = {}
     fig, axes = plt.subplots(2, len(modes), figsize=(3.4 * len(modes) + 0.6, 6.2), layout="constrained",
                              sharex=True, squeeze=False)
-    styles = ["-", "--", ":", "-."]
-    all_epochs = []
+    all_epochs, kinds = [], set()
     seeds = sorted({s for _, s, _ in runs}, key=lambda v: str(v).zfill(8))
     for col, mode in enumerate(modes):
         ax_acc, ax_loss = axes[0, col], axes[1, col]
-        stars = []
+        stars, unrecorded = [], False
         for m, seed, path in runs:
             if m != mode:
                 continue
             hist = read_csv(path)
             epochs = [int(float(h["epoch"])) for h in hist]
+            ternary = [val_ternary(h) for h in hist]
             all_epochs += epochs
-            ls = styles[seeds.index(seed) % len(styles)]
-            ax_acc.plot(epochs, [float(h["val_acc"]) for h in hist], ls, marker="o", ms=4, color=color(mode),
-                        label=f"seed {seed}")
-            ax_loss.plot(epochs, [float(h["val_loss"]) for h in hist], ls, marker="o", ms=4, color=color(mode),
-                         label=f"seed {seed}")
+            unrecorded |= None in ternary
+            ls = STYLES[seeds.index(seed) % len(STYLES)]
+            for ax, key in ((ax_acc, "val_acc"), (ax_loss, "val_loss")):
+                values = [float(h[key]) for h in hist]
+                ax.plot(epochs, values, ls=ls, color=color(mode), label=f"seed {seed}")
+                for kind in dict.fromkeys(ternary):
+                    marker, face, _ = POINTS[kind]
+                    points = [(e, v) for e, v, t in zip(epochs, values, ternary) if t is kind]
+                    ax.plot(*zip(*points), ls="none", marker=marker, ms=4.5, color=color(mode), mfc=face or color(mode),
+                            mew=1.1)
+                    kinds.add(kind)
             row = deployed.get((mode, str(seed)))
             if row and row.get("val_acc") and epochs:
                 stars.append((epochs[-1], float(row["val_acc"])))
@@ -194,7 +212,7 @@ def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
         if ax_acc.get_ylim()[1] > 100:
             ax_acc.set_ylim(top=100.2)
         ax_acc.set_title(label(mode) + ("\n(before the hard projection, epochs\nrun on latent, not ternary, weights)"
-                                        if mode == "admm" else ""), fontsize=10)
+                                        if mode == "admm" and unrecorded else ""), fontsize=10)
         ax_loss.set_xlabel("epoch")
         ax_acc.grid(alpha=0.3)
         ax_loss.grid(alpha=0.3)
@@ -207,6 +225,9 @@ def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
     held_out = f"{plan['val_size']:,} held-out training images" if plan.get("val_size") else "held-out validation split"
     fig.suptitle(f"Validation accuracy and loss per epoch ({held_out}; ★ = deployed model after export)",
                  fontsize=10)
+    fig.legend(handles=[plt.Line2D([], [], ls="none", marker=POINTS[k][0], color="0.3", mfc=POINTS[k][1] or "0.3",
+                                   label=POINTS[k][2]) for k in (True, False, None) if k in kinds],
+               fontsize=8, loc="outside lower center", ncol=3, frameon=False)
     return _save(fig, Path(out_dir) / "training_curves.png")
 
 
@@ -312,7 +333,6 @@ def plot_admm_residual(results_dir, out_dir, tag="study") -> Path:
     if not runs:
         raise MissingInput(f"no history/admm_seed*.csv in {results_dir}")
     fig, (ax_r, ax_rho) = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained", sharex=True)
-    styles = ["-", "--", ":", "-."]
     drawn, all_epochs = 0, []
     for i, (_, seed, path) in enumerate(runs):
         hist = [h for h in read_csv(path) if h.get("primal_residual") not in (None, "")]
@@ -320,9 +340,9 @@ def plot_admm_residual(results_dir, out_dir, tag="study") -> Path:
             continue
         epochs = [int(float(h["epoch"])) for h in hist]
         all_epochs += epochs
-        ax_r.plot(epochs, [float(h["primal_residual"]) for h in hist], styles[i % 4], marker="o",
+        ax_r.plot(epochs, [float(h["primal_residual"]) for h in hist], ls=STYLES[i % len(STYLES)], marker="o",
                   color=color("admm"), label=f"seed {seed}")
-        ax_rho.plot(epochs, [float(h["rho"]) for h in hist], styles[i % 4], marker="o", color="#8c564b",
+        ax_rho.plot(epochs, [float(h["rho"]) for h in hist], ls=STYLES[i % len(STYLES)], marker="o", color="#8c564b",
                     label=f"seed {seed}")
         drawn += 1
     if not drawn:

@@ -5,6 +5,8 @@
                            runs.evaluate_checkpoint -> one results.csv row tagged "study"
                            -> results/history/{mode}_seed{s}.csv   (per-epoch history, ADMM residual and rho)
                            -> results/weights/{mode}_seed{s}.json  (latent-weight histograms, delta, code mix)
+                           -> results/predictions/{mode}_seed{s}.npy  (the 10,000 test predictions, uint8)
+                              and results/predictions/test_labels.npy, for the report's paired tests
     quant.deployment pack + verify over the tag's checkpoints -> results/deployment.csv / .json
     quant.plotting.plot_all(results/) and quant.report.refresh(report.md, README.md)
 
@@ -12,6 +14,7 @@ Everything plots and the report need lands in the results folder, so they never 
 `quick=True` (one seed, 5,000 training images, one epoch, tag "quick") writes to results/quick/ and
 checkpoints/quick_*.pth, so a pipeline check never mixes with the study's numbers.
 """
+import io
 import os
 import platform
 import re
@@ -29,7 +32,7 @@ from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
 from .config import KEYS, default_config
 from .data import MNIST, load_mnist, split_indices
 from .deployment import ENCODINGS, pack_checkpoint, write_results
-from .files import atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json
 from .methods import METHODS
 from .results import read_results
 from .runs import evaluate_checkpoint, train_checkpoint
@@ -46,11 +49,10 @@ class PackError(RuntimeError):
 class Plan:
     """What one study run trains and where it writes (defaults: the full study of report.md)."""
     modes: list = field(default_factory=lambda: list(METHODS))
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     epochs: int = KEYS["epochs"].default
     train_subset: int | None = None
     val_size: int = KEYS["val_size"].default
-    precision: str = KEYS["precision"].default
     tag: str = "study"
     results_dir: Path = Path("results")
     checkpoint_dir: Path = Path("checkpoints")
@@ -58,6 +60,7 @@ class Plan:
     data_dir: Path = Path("data")
     verify_checksum: bool = True
     device: str = "cpu"
+    precision: str = KEYS["precision"].default  # "bf16": forward under autocast (quant.engine); "auto": bf16 where native
     reuse: bool = False  # skip training where a checkpoint with the identical config already exists
     progress: bool = True
 
@@ -120,6 +123,13 @@ def weight_summary(ckpt: dict, bins: int = HIST_BINS) -> dict:
         layers.append(entry)
     return {"mode": ckpt["mode"], "seed": ckpt["seed"], "bins": bins,
             "source": "checkpoint state_dict (latent weights) and export (codes, scales, delta)", "layers": layers}
+
+
+def write_predictions(path: Path, values) -> None:
+    """Class indices (0-9) as a 1-D uint8 .npy file, written atomically (10,000 test images: about 10 KB)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(values, dtype=np.uint8), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def cpu_model() -> str:
@@ -191,6 +201,7 @@ def run_study(plan: Plan, log=print) -> dict:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results_path = plan.results_dir / "results.csv"
     full = load_mnist(plan.data_dir, val_size=0, verify_checksum=plan.verify_checksum)
+    write_predictions(plan.results_dir / "predictions" / "test_labels.npy", full.test_y)
     total, rows, runs = len(plan.modes) * len(plan.seeds), [], []
     for seed in plan.seeds:
         data = resplit(full, plan.val_size, seed, plan.train_subset)
@@ -206,6 +217,7 @@ def run_study(plan: Plan, log=print) -> dict:
             name = run_name(mode, seed)
             write_history_csv(plan.results_dir / "history" / f"{name}.csv", ckpt["history"])
             atomic_write_json(plan.results_dir / "weights" / f"{name}.json", weight_summary(ckpt))
+            write_predictions(plan.results_dir / "predictions" / f"{name}.npy", result["preds"])
             runs.append({"mode": mode, "seed": seed, "checkpoint": str(path),
                          "train_seconds": ckpt["metrics"]["train_seconds"]})
             log(f"{mode} seed {seed}: test accuracy {result['row']['test_acc']:.2f}% "
@@ -221,6 +233,6 @@ def run_study(plan: Plan, log=print) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "started": started,
         "seconds_train_eval_pack": round(seconds, 1), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__), "python": platform.python_version(),
-        "device": str(plan.device), "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+        "device": str(plan.device), "n_seeds": len(plan.seeds), "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
         "runs": runs})
     return {"rows": rows, "seconds": seconds}

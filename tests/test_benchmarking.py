@@ -11,7 +11,7 @@ from benchmarks import benchmarking
 from quant.methods import METHODS
 
 SECTIONS = {"quick", "machine", "rounds", "floor", "real_epoch", "naive", "evaluate", "deployment", "quantizers", "ratios",
-            "per_round_ms_per_step"}
+            "per_round_ms_per_step", "floor_bf16", "real_epoch_bf16"}
 
 
 def positive(value) -> bool:
@@ -21,7 +21,7 @@ def positive(value) -> bool:
 def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
     out = tmp_path / "sub" / "benchmarks.json"
     result = call_script("benchmarks/bench.py", "--quick", "--data-dir", synthetic_mnist, "--skip-checksum",
-                         "--val-size", "64", "--rounds", "2", "--out", out)
+                         "--val-size", "64", "--rounds", "2", "--precision", "bf16", "--out", out)
     assert result.returncode == 0, result.stderr
     bench = json.loads(out.read_text())
     assert set(bench) == SECTIONS and bench["quick"] is True
@@ -30,6 +30,9 @@ def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
     assert len(bench["per_round_ms_per_step"]) == 2  # each round's own timings, from which its ratios are formed
     for round_ in bench["per_round_ms_per_step"]:
         assert set(round_["real_epoch"]) == set(METHODS) and positive(round_["naive"]) and set(round_["floor"]) == {"64", "128"}
+        assert set(round_["real_epoch_bf16"]) == set(METHODS) and set(round_["floor_bf16"]) == {"128"}
+    for timings in [*bench["floor_bf16"].values(), *bench["real_epoch_bf16"].values()]:
+        assert timings["precision"] == "bf16" and timings["rounds_measured"] == 2 and positive(timings["ms_per_step"])
     machine = bench["machine"]
     assert machine["cpu"] and positive(machine["logical_cpus"]) and positive(machine["torch_threads"])
     assert machine["torch"] and len(machine["load_average_before"]) == 3 and len(machine["load_average_after"]) == 3
@@ -60,6 +63,7 @@ def test_quick_run_writes_every_section(tmp_path, synthetic_mnist):
 
     assert set(bench["ratios"]) == set(benchmarking.BARS)
     assert set(bench["ratios"]["ternary_step_over_fp_step"]["value"]) == set(METHODS) - {"fp"}
+    assert set(bench["ratios"]["ternary_fp32_step_over_bf16_step"]["value"]) == set(METHODS) - {"fp"}
     for name, ratio in bench["ratios"].items():
         assert isinstance(ratio["pass"], bool) and ratio["bar"] == benchmarking.BARS[name][1]
         assert name in result.stdout  # the printed table names every ratio
@@ -123,3 +127,18 @@ def test_profile_floor_lists_the_costliest_operators():
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert any("convolution" in row["op"] for row in rows)  # the convolutions are never negligible
     assert all(row["ms_per_step"] > 0 and row["calls_per_step"] > 0 for row in rows)
+
+
+def test_bf16_ratios_compare_fp32_over_bf16_and_are_absent_without_bf16():
+    results = fake_results()
+    results["floor_bf16"] = {"128": {"images_per_s": 1500.0}}
+    epoch = lambda img_s, ms: {"images_per_s": img_s, "ms_per_step": ms}
+    results["real_epoch_bf16"] = {"fp": epoch(1400.0, 6.0), "twn": epoch(1300.0, 8.0)}
+    r = benchmarking.ratios(results, 128)
+    assert r["bf16_epoch_over_bf16_floor"]["value"] == pytest.approx(1500 / 1400)
+    assert r["fp_fp32_step_over_bf16_step"]["value"] == pytest.approx(10 / 6) and r["fp_fp32_step_over_bf16_step"]["pass"]
+    assert r["ternary_fp32_step_over_bf16_step"]["value"] == {"twn": pytest.approx(11 / 8)}
+    assert r["ternary_fp32_step_over_bf16_step"]["pass"]  # 1.375 >= 1.3
+    results["real_epoch_bf16"]["twn"] = epoch(1000.0, 9.0)  # 11 / 9 = 1.22 < 1.3
+    assert not benchmarking.ratios(results, 128)["ternary_fp32_step_over_bf16_step"]["pass"]
+    assert "bf16_epoch_over_bf16_floor" not in benchmarking.ratios(fake_results(), 128)

@@ -17,10 +17,11 @@ from quant.model import QUANT_LAYERS
 
 SCRIPTS = ["train.py", "eval.py", "tune_hyperparams.py", "reproduce.py", "deployment_compression.py",
            "plot_results.py", "benchmarks/bench.py", "benchmarks/profile_step.py"]
-# Flags named after a key that set something else: a search's or study's budget, the profiled batch.
+# Flags named after a key that set something else: a search's or study's budget, the profiled batch, the
+# precision the benchmark times besides FP32.
 OWN_MEANING = {("tune_hyperparams.py", "epochs"), ("tune_hyperparams.py", "train_subset"),
                ("reproduce.py", "epochs"), ("reproduce.py", "train_subset"),
-               ("benchmarks/profile_step.py", "batch_size"), ("benchmarks/profile_step.py", "seed")}
+               ("benchmarks/profile_step.py", "batch_size"), ("benchmarks/bench.py", "precision")}
 
 
 class Captured(Exception):

@@ -114,3 +114,60 @@ def test_weight_summary_matches_the_checkpoint(mode):
                                            "+1": np.mean(codes == 1)})
         assert entry["delta"] == pytest.approx(ckpt["export"]["ternary"][entry["layer"]]["delta"].tolist())
         assert (entry["latent_distinct"] <= 3) == (mode == "admm")
+
+
+def captured_figure(monkeypatch, draw, *args):
+    """Run a figure function and return its matplotlib figure instead of closing it."""
+    figures = []
+    monkeypatch.setattr(plotting, "_save", lambda fig, path: figures.append(fig) or path)
+    draw(*args)
+    return figures[0]
+
+
+def marked_epochs(ax, hollow: bool) -> list[float]:
+    """Epochs of the circle markers of one panel, hollow (white face) or filled."""
+    from matplotlib.colors import to_rgba
+
+    out = []
+    for line in ax.get_lines():
+        if line.get_marker() == "o" and line.get_linestyle() == "None":
+            if (to_rgba(line.get_markerfacecolor()) == to_rgba("white")) == hollow:
+                out += list(line.get_xdata())
+    return sorted(out)
+
+
+def test_training_curves_mark_full_precision_validation_points_hollow(tmp_path, monkeypatch):
+    results = make_results(tmp_path)
+    ternary = {"fp": [0, 0, 0], "twn": [1, 1, 1], "ttq": [0, 1, 1], "admm": [0, 0, 1]}
+    for path in (results / "history").glob("*.csv"):
+        mode = path.name.split("_seed")[0]
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([lines[0] + ",val_ternary"] + [f"{row},{t}" for row, t in zip(lines[1:], ternary[mode])])
+                        + "\n")
+    fig = captured_figure(monkeypatch, plotting.plot_training_curves, results, tmp_path)
+    for col, mode in enumerate(("fp", "twn", "ttq", "admm")):
+        for ax in fig.axes[col], fig.axes[4 + col]:  # accuracy and loss panels
+            hollow = [e for e, t in enumerate(ternary[mode], 1) if not t] * 2  # two seeds
+            filled = [e for e, t in enumerate(ternary[mode], 1) if t] * 2
+            assert marked_epochs(ax, hollow=True) == sorted(hollow), mode
+            assert marked_epochs(ax, hollow=False) == sorted(filled), mode
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[0] == "validation on ternary weights" and legend[1].startswith("validation on full-precision")
+    assert len(legend) == 2
+    assert "not ternary" not in fig.axes[3].get_title()  # the hollow points say it now
+
+
+def test_training_curves_from_histories_without_val_ternary(tmp_path, monkeypatch):
+    """Older history files lack the column: their points are drawn as 'not recorded', and ADMM keeps its note."""
+    results = make_results(tmp_path)
+    fig = captured_figure(monkeypatch, plotting.plot_training_curves, results, tmp_path)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["weights not recorded (history without val_ternary)"]
+    assert not marked_epochs(fig.axes[0], hollow=True) and not marked_epochs(fig.axes[0], hollow=False)
+    assert "not ternary" in fig.axes[3].get_title()
+
+
+@pytest.mark.parametrize("cell,expected", [("1", True), ("0", False), ("1.0", True), ("False", False), ("", None),
+                                           ("yes?", None)])
+def test_val_ternary_cells(cell, expected):
+    assert plotting.val_ternary({"val_ternary": cell}) is expected
+    assert plotting.val_ternary({}) is None

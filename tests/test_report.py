@@ -1,24 +1,33 @@
 """quant/report.py: the study's numbers are read from results/ only, every number the generated tables print
-is recomputed here by another route (pandas) and compared cell by cell, refreshing is idempotent and never
-touches prose, and the committed report.md agrees with the committed results/."""
+is recomputed here by another route (pandas; scipy's paired t-test; McNemar p-values as brute-force binomial
+sums) and compared cell by cell, refreshing is idempotent and never touches prose, and the committed report.md
+agrees with the committed results/."""
 import csv
+import itertools
 import json
 import math
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
-from conftest import REPO
+from conftest import REPO, call_script
 from quant import report
+from quant.checkpoint import load_checkpoint
+from quant.data import load_mnist
+from quant.engine import evaluate
+from quant.export import rebuild_model
 from quant.results import append_result
 
 MODES = ("fp", "twn", "ttq", "admm")
 SEEDS = (0, 1)
 LAYER_WEIGHTS = {"conv1": 800, "conv2": 51200, "fc1": 524288, "fc2": 5120}
 LABEL_TO_MODE = {"FP32": "fp", "TWN": "twn", "TTQ": "ttq", "ADMM": "admm"}
+N_TEST = 10_000
 # Published numbers the comparison table cites: the seed study's README table and TWN paper, LeNet-5 on MNIST.
 SEED_STUDY = {"fp": 98.96, "twn": 95.46, "ttq": 94.60, "admm": 98.67}
 TWN_PAPER = {"fp": 99.41, "twn": 99.35}
@@ -39,11 +48,30 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
-def make_results(root, modes=MODES, seeds=SEEDS, epochs=3, weights=True, deployment=True) -> Path:
-    """A results folder as reproduce.py writes it, with made-up but plausible numbers (seeded)."""
+def fake_predictions(rng, labels, hard, accuracy) -> np.ndarray:
+    """Test predictions with about `accuracy` % right; errors favour the shared `hard` images, as real models' do."""
+    weights = np.ones(len(labels))
+    weights[hard] = 50.0
+    wrong = rng.choice(len(labels), round(len(labels) * (100 - accuracy) / 100), replace=False, p=weights / weights.sum())
+    preds = labels.copy()
+    preds[wrong] = (labels[wrong] + rng.integers(1, 10, len(wrong))) % 10
+    return preds.astype(np.uint8)
+
+
+def make_results(root, modes=MODES, seeds=SEEDS, epochs=3, weights=True, deployment=True, predictions=True) -> Path:
+    """A results folder as reproduce.py writes it, with made-up but plausible numbers (seeded).
+
+    With `predictions`, results/predictions/ holds test labels and each run's predictions, and results.csv's
+    test_acc is the accuracy those predictions give (as evaluation writes both).
+    """
     rng = np.random.default_rng(7)
     results = Path(root) / "results"
     (results / "history").mkdir(parents=True, exist_ok=True)
+    labels = rng.integers(0, 10, N_TEST).astype(np.uint8)
+    hard = rng.choice(N_TEST, 150, replace=False)
+    if predictions:
+        (results / "predictions").mkdir()
+        np.save(results / "predictions" / "test_labels.npy", labels)
     # noise the readers must ignore: an untagged eval.py row and a quick-run row
     append_result(results / "results.csv", {"mode": "twn", "tag": "", "seed": 0, "test_acc": 12.5,
                                             "checkpoint": "checkpoints/twn.pth"})
@@ -61,7 +89,12 @@ def make_results(root, modes=MODES, seeds=SEEDS, epochs=3, weights=True, deploym
                    "val_acc": round(base + rng.normal(0, 0.2), 4), "train_seconds": round(30 + rng.random() * 20, 2)}
             if mode == "twn" and seed == 0:  # an older study row of the same run, superseded by the next one
                 append_result(results / "results.csv", {**row, "test_acc": 10.0})
-            append_result(results / "results.csv", {**row, "test_acc": round(base + rng.normal(0, 0.15), 4)})
+            accuracy = base + rng.normal(0, 0.15)
+            if predictions:
+                preds = fake_predictions(rng, labels, hard, accuracy)
+                np.save(results / "predictions" / f"{mode}_seed{seed}.npy", preds)
+                accuracy = 100 * float(np.mean(preds == labels))
+            append_result(results / "results.csv", {**row, "test_acc": round(accuracy, 4)})
             history = []
             for epoch in range(1, epochs + 1):
                 h = {"epoch": epoch, "train_loss": 0.5 / epoch, "train_acc": 90 + epoch, "val_loss": 0.3 / epoch,
@@ -98,7 +131,7 @@ def make_results(root, modes=MODES, seeds=SEEDS, epochs=3, weights=True, deploym
     (results / "study.json").write_text(json.dumps({
         "command": "reproduce.py --data-dir ../shared/mnist", "cpu": "Test CPU 3000", "logical_cpus": 2,
         "torch_threads": 2, "torch": "2.14.1", "python": "3.11.2", "device": "cpu",
-        "seconds_train_eval_pack": 512.3, "plan": {"seeds": list(seeds), "val_size": 5000, "train_subset": None}}))
+        "seconds_train_eval_pack": 512.3, "seconds_total": 540.7, "n_seeds": len(seeds), "plan": {"seeds": list(seeds), "val_size": 5000, "train_subset": None}}))
     return results
 
 
@@ -149,6 +182,8 @@ More prose.
 <!-- END:setup_table -->
 <!-- BEGIN:comparison_table -->
 <!-- END:comparison_table -->
+<!-- BEGIN:paired_table -->
+<!-- END:paired_table -->
 <!-- BEGIN:someone_elses_block -->
 hand-written, not ours
 <!-- END:someone_elses_block -->
@@ -171,12 +206,61 @@ def parse_tables(text: str) -> dict:
     return out
 
 
-NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"(<?)([-+]?\d[\d,]*(?:\.\d+)?)")
 
 
-def numbers_in(cell: str) -> list[tuple[float, int]]:
-    """(value, decimals shown) of every number in a cell ('98.76 ± 0.05' -> two numbers)."""
-    return [(float(t.replace(",", "")), len(t.split(".")[1]) if "." in t else 0) for t in NUMBER.findall(cell)]
+def numbers_in(cell: str) -> list[tuple[float, int, bool]]:
+    """(value, decimals shown, an upper bound '<') of every number in a cell ('98.76 ± 0.05' -> two numbers)."""
+    return [(float(t.replace(",", "")), len(t.split(".")[1]) if "." in t else 0, bool(lt))
+            for lt, t in NUMBER.findall(cell)]
+
+
+def brute_force_mcnemar(a_only: int, b_only: int) -> float:
+    """Exact two-sided binomial p-value by its definition: the probability, under Binomial(n, 1/2), of every
+    outcome no more likely than the observed one, summed in exact fractions."""
+    n = a_only + b_only
+    observed = math.comb(n, a_only)
+    return float(sum(Fraction(math.comb(n, i), 2 ** n) for i in range(n + 1) if math.comb(n, i) <= observed))
+
+
+def expected_paired(results_dir: Path, df: pd.DataFrame) -> dict:
+    """{(row label, column): expected} of the paired table, from the .npy files read here with numpy."""
+    folder = results_dir / "predictions"
+    if not (folder / "test_labels.npy").exists():
+        return {}
+    labels = np.load(folder / "test_labels.npy")
+    label = {v: k for k, v in LABEL_TO_MODE.items()}
+    correct = {}
+    for _, run in df.iterrows():
+        path = folder / f"{run['mode']}_seed{run['seed']}.npy"
+        if path.exists() and abs(100 * np.mean(np.load(path) == labels) - run["test_acc"]) < 1e-3:
+            correct[(run["mode"], run["seed"])] = np.load(path) == labels
+    ternary = [m for m in MODES[1:] if any(k[0] == m for k in correct)]
+    out = {}
+    for a, b in [(m, "fp") for m in ternary] + list(itertools.combinations(ternary, 2)):
+        seeds = sorted({s for m, s in correct if m == a} & {s for m, s in correct if m == b}, key=int)
+        name = f"{label[a]} − {label[b]}"
+        acc_a = [100 * correct[(a, s)].mean() for s in seeds]
+        acc_b = [100 * correct[(b, s)].mean() for s in seeds]
+        counts = [(int((correct[(a, s)] & ~correct[(b, s)]).sum()), int((~correct[(a, s)] & correct[(b, s)]).sum()))
+                  for s in seeds]
+        out[(name, "Seeds")] = [len(seeds)]
+        out[(name, "Mean A − B (pp)")] = [np.mean(acc_a) - np.mean(acc_b)] if seeds else None
+        out[(name, "Images only A / only B right, per seed")] = [c for pair in counts for c in pair]
+        out[(name, "McNemar exact p, per seed")] = [brute_force_mcnemar(*c) for c in counts]
+        if len(seeds) < 2:
+            out[(name, "Verdict (95 % CI)")] = "needs ≥ 2 seeds"
+            continue
+        test = stats.ttest_rel(acc_a, acc_b)
+        low, high = test.confidence_interval(0.95)
+        if np.std(np.subtract(acc_a, acc_b)) == 0:  # every seed the same difference: a point, no test
+            low = high = np.mean(acc_a) - np.mean(acc_b)
+        out[(name, "95 % CI (pp)")] = [low, high]
+        out[(name, "p (paired t, seeds)")] = [test.pvalue]
+        out[(name, "Verdict (95 % CI)")] = (f"{label[a]} higher: interval excludes 0" if low > 0 else
+                                            f"{label[b]} higher: interval excludes 0" if high < 0 else
+                                            "not resolved: interval includes 0")
+    return out if any(v[0] >= 2 for k, v in out.items() if k[1] == "Seeds") else {}
 
 
 def expected_values(results_dir: Path, tag="study") -> dict:
@@ -199,13 +283,17 @@ def expected_values(results_dir: Path, tag="study") -> dict:
     fp_acc = df.loc[df["mode"] == "fp", "test_acc"].mean()
     fp32 = totals["fp32_state_dict_bytes"].mean() if len(totals) else math.nan
     exp = {"results_table": {}, "seeds_table": {}, "deployment_table": {}, "layers_table": {}, "config_table": {},
-           "setup_table": {}, "comparison_table": {}}
+           "setup_table": {}, "comparison_table": {}, "paired_table": expected_paired(results_dir, df)}
     for mode, g in df.groupby("mode"):
         name = label[mode]
         t = totals[totals["mode"] == mode] if len(totals) else totals
         r = exp["results_table"]
         r[(name, "Seeds")] = [len(g)]
         r[(name, "Test accuracy (%)")] = pair(g["test_acc"])
+        if len(g) > 1:  # (a zero spread gives scipy NaN bounds; the interval is then the mean itself)
+            r[(name, "95 % CI of the mean (%)")] = ([*stats.t.interval(0.95, len(g) - 1, loc=g["test_acc"].mean(),
+                                                                       scale=g["test_acc"].sem())]
+                                                    if g["test_acc"].std() > 0 else [g["test_acc"].mean()] * 2)
         if mode != "fp":
             r[(name, "Δ vs FP32 (pp)")] = [g["test_acc"].mean() - fp_acc]
             r[(name, "Deployed size (KiB)")] = [t["file_bytes_2bit"].mean() / 1024]
@@ -264,7 +352,13 @@ def expected_values(results_dir: Path, tag="study") -> dict:
         subset = info["plan"].get("train_subset")
         st[("Training images", "Value")] = "all remaining" if subset is None else [subset]
         st[("Wall-clock, train + evaluate + pack (s)", "Value")] = [info["seconds_train_eval_pack"]]
+        if "seconds_total" in info:
+            st[("Wall-clock, whole reproduce.py run (s)", "Value")] = [info["seconds_total"]]
     return exp
+
+
+# tables read from results/tuning/ and results/benchmarks.json, which have tests of their own below
+OWN_TESTS = ("confirm_table", "precision_table", "speed_table")
 
 
 def check_tables(text: str, results_dir: Path) -> int:
@@ -272,7 +366,11 @@ def check_tables(text: str, results_dir: Path) -> int:
     parsed, expected = parse_tables(text), expected_values(Path(results_dir))
     checked = 0
     for table in report.TABLES:
-        assert table in parsed, f"table {table} missing from the document"
+        if table in OWN_TESTS:
+            continue
+        if table not in parsed:  # a one-line placeholder instead of a table: right only if there is nothing to show
+            assert table in report.marker_names(text) and not expected[table], f"table {table} missing from the document"
+            continue
         for row in parsed[table]:
             first_col = next(iter(row))
             row_label = row[first_col]
@@ -291,8 +389,11 @@ def check_tables(text: str, results_dir: Path) -> int:
                     continue
                 assert want is not None, f"{table} {key}: number {cell!r} that nothing in results/ accounts for"
                 assert len(found) == len(want), f"{table} {key}: {cell!r} vs {want}"
-                for (value, decimals), w in zip(found, want):
-                    assert abs(value - w) <= 0.5 * 10 ** -decimals + 1e-9, f"{table} {key}: {cell!r} vs {w}"
+                for (value, decimals, below), w in zip(found, want):
+                    if below:
+                        assert w < value, f"{table} {key}: {cell!r} vs {w}"
+                    else:
+                        assert abs(value - w) <= 0.5 * 10 ** -decimals + 1e-9, f"{table} {key}: {cell!r} vs {w}"
                 checked += 1
     return checked
 
@@ -383,6 +484,112 @@ def test_missing_deployment_gives_placeholders_not_numbers(tmp_path):
     assert fp_row.count(report.NA) >= 2
 
 
+# ---------------------------------------------------------------- the paired table
+
+def refreshed(results, tmp_path) -> str:
+    doc = tmp_path / "report.md"
+    doc.write_text(DOC)
+    report.refresh([doc], results)
+    return doc.read_text()
+
+
+def test_paired_table_p_value_is_a_brute_force_binomial_sum(tmp_path):
+    results = make_results(tmp_path, seeds=(0, 1, 2, 3, 4))
+    text = refreshed(results, tmp_path)
+    assert check_tables(text, results) > 100  # every cell of every table, the paired one included
+    row = next(r for r in parse_tables(text)["paired_table"] if r["Comparison A − B"] == "TWN − ADMM")
+    folder = results / "predictions"
+    labels = np.load(folder / "test_labels.npy")
+    twn, admm = np.load(folder / "twn_seed3.npy") == labels, np.load(folder / "admm_seed3.npy") == labels
+    a_only, b_only = int(np.sum(twn & ~admm)), int(np.sum(~twn & admm))
+    p = brute_force_mcnemar(a_only, b_only)
+    assert 0.01 < p < 1  # a seed where the cell shows digits, not "<0.001"
+    assert row["Images only A / only B right, per seed"].split(", ")[3] == f"{a_only}/{b_only}"
+    assert abs(float(row["McNemar exact p, per seed"].split(", ")[3]) - p) <= 5e-4
+    wrong = row["McNemar exact p, per seed"].split(", ")[3]
+    with pytest.raises(AssertionError, match="McNemar"):
+        check_tables(text.replace(f", {wrong}", f", {float(wrong) + 0.01:.3f}", 1), results)
+
+
+def test_paired_table_verdicts_follow_the_interval(tmp_path):
+    results = make_results(tmp_path, seeds=(0, 1, 2, 3, 4))
+    rows = parse_tables(refreshed(results, tmp_path))["paired_table"]
+    assert [r["Comparison A − B"] for r in rows] == ["TWN − FP32", "TTQ − FP32", "ADMM − FP32", "TWN − TTQ",
+                                                     "TWN − ADMM", "TTQ − ADMM"]
+    verdicts = set()
+    for r in rows:
+        low, high = (v for v, _, _ in numbers_in(r["95 % CI (pp)"]))
+        a, b = r["Comparison A − B"].split(" − ")
+        verdicts.add(r["Verdict (95 % CI)"])
+        assert r["Verdict (95 % CI)"] == (f"{a} higher: interval excludes 0" if low > 0 else f"{b} higher: interval "
+                                          "excludes 0" if high < 0 else "not resolved: interval includes 0")
+        p = numbers_in(r["p (paired t, seeds)"])[0]
+        assert (p[0] < 0.05 or p[2]) == ("excludes" in r["Verdict (95 % CI)"])
+    assert len(verdicts) > 1  # the fake data separates some pairs and not others
+
+
+def test_paired_table_needs_two_seeds(tmp_path):
+    table = report.tables(make_results(tmp_path, seeds=(0,)))["paired_table"]
+    assert table.startswith("*The paired comparison needs ≥ 2 seeds") and "|" not in table
+    assert "results/ has 1" in table
+
+
+def test_paired_table_without_predictions_says_so(tmp_path):
+    table = report.tables(make_results(tmp_path, predictions=False))["paired_table"]
+    assert table == ("*No per-image test predictions in results/predictions/ (no test_labels.npy): "
+                     "run `python reproduce.py`.*")
+
+
+def test_stale_or_broken_predictions_are_left_out_with_a_reason(tmp_path):
+    results = make_results(tmp_path, seeds=(0, 1, 2))
+    folder = results / "predictions"
+    np.save(folder / "ttq_seed1.npy", np.load(folder / "fp_seed1.npy"))  # another run's file: accuracy differs
+    np.save(folder / "admm_seed2.npy", np.zeros(N_TEST, np.int64))  # not uint8
+    np.save(folder / "admm_seed0.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)  # never unpickled
+    (folder / "twn_seed0.npy").write_bytes(b"\x93NUMPY" + b"\0" * report.MAX_PREDICTIONS_BYTES)  # over the bound
+    (folder / "twn_seed2.npy").unlink()
+    table = report.tables(results)["paired_table"]
+    note = table.splitlines()[-1]
+    assert note.startswith("*Runs left out: ")
+    for run, why in (("TTQ seed 1", "differs from results.csv"), ("ADMM seed 2", "not a 1-D uint8"),
+                     ("ADMM seed 0", "unreadable"), ("TWN seed 0", "over 1,048,576 bytes"), ("TWN seed 2", "no ")):
+        assert re.search(f"{run}: [^;]*{why}", note), (run, note)
+    seeds = {r["Comparison A − B"]: r["Seeds"] for r in parse_tables(f"<!-- BEGIN:t -->{table}<!-- END:t -->")["t"]}
+    assert seeds == {"TWN − FP32": "1", "TTQ − FP32": "2", "ADMM − FP32": "1", "TWN − TTQ": "0", "TWN − ADMM": "1",
+                     "TTQ − ADMM": "0"}
+    for name in ("admm_seed2.npy", "admm_seed0.npy", "twn_seed0.npy"):  # the checker reads only well-formed files
+        (folder / name).unlink()
+    assert check_tables(refreshed(results, tmp_path), results) > 60
+
+
+def test_reproduce_writes_predictions_that_fill_the_paired_table(synthetic_mnist, tmp_path):
+    """The real pipeline on synthetic data: two seeds of FP and TWN (bf16 training, passed through to the config),
+    then every table checked independently."""
+    (tmp_path / "report.md").write_text(DOC)
+    done = call_script("reproduce.py", "--modes", "fp", "twn", "--seeds", "0", "1", "--epochs", "1", "--val-size", "64",
+                       "--train-subset", "96", "--precision", "bf16", "--skip-checksum", "--no-progress", "--data-dir", synthetic_mnist, "--results-dir", "results",
+                       "--checkpoint-dir", "checkpoints", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = tmp_path / "results"
+    labels = np.load(results / "predictions" / "test_labels.npy")
+    data = load_mnist(synthetic_mnist, test_only=True, verify_checksum=False)
+    assert labels.dtype == np.uint8 and np.array_equal(labels, data.test_y.numpy())
+    for mode in ("fp", "twn"):
+        for seed in (0, 1):
+            preds = np.load(results / "predictions" / f"{mode}_seed{seed}.npy")
+            assert preds.dtype == np.uint8 and preds.shape == labels.shape
+            ckpt = load_checkpoint(tmp_path / "checkpoints" / f"{mode}_seed{seed}.pth")
+            assert ckpt["config"]["precision"] == ckpt["precision"] == "bf16"
+            expected = evaluate(rebuild_model(ckpt["export"]), data.test_x, data.test_y)["preds"]
+            assert np.array_equal(preds, expected.numpy())
+    info = json.loads((results / "study.json").read_text())
+    assert info["n_seeds"] == 2 and info["seconds_total"] >= info["seconds_train_eval_pack"] > 0
+    text = (tmp_path / "report.md").read_text()
+    assert check_tables(text, results) > 40
+    assert parse_tables(text)["paired_table"][0]["Seeds"] == "2"
+    assert not list(results.glob("**/.*.tmp"))
+
+
 def test_committed_report_matches_committed_results():
     results, doc = REPO / "results", REPO / "report.md"
     if not (results / "results.csv").exists() or not report.study_rows(results):
@@ -408,3 +615,36 @@ def test_committed_report_prose_repeats_no_generated_number():
         for value in (f"{report.mean(s['test_acc']):.2f}", f"{report.mean(s['size']) / 1024:,.1f}"):
             if value not in published:  # a published number may coincide with ours and be quoted legitimately
                 assert value not in prose, f"prose repeats generated number {value} ({mode}); cite the table instead"
+
+
+def test_confirm_and_precision_tables_follow_the_confirm_summary(tmp_path):
+    from quant import confirm, report
+    from quant.config import default_config
+
+    default, other = confirm.knobs(default_config("twn")), confirm.knobs(default_config("twn", lr=1e-2))
+    runs = lambda config, accs, precision: [{"config": config, "seed": s, "precision": precision, "epochs": 3,
+                                             "val_acc": a, "val_loss": 0.1} for s, a in enumerate(accs)]
+    fp32 = runs(default, [99.0, 99.2, 99.1], "fp32") + runs(other, [99.2, 99.4, 99.3], "fp32")
+    bf16 = runs(default, [99.1, 99.1, 99.3], "bf16")
+    summary = {"twn": {p: confirm.choose(fp32 + bf16, "twn", p, 3, [0, 1, 2]) for p in ("fp32", "bf16")}}
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "confirm_summary.json").write_text(json.dumps(summary))
+    table = report.confirm_table(tmp_path)
+    assert "lr 0.01" in table and "+0.20 ± 0.00" in table and table.count("**chosen**") == 2
+    row = next(line for line in report.precision_table(tmp_path).splitlines() if line.startswith("| TWN"))
+    # bf16 - fp32 per seed: +0.1, -0.1, +0.2 -> mean +0.067, the interval contains 0
+    assert "+0.07" in row and "within noise" in row and "| 3 |" in row
+
+
+def test_speed_table_reads_the_benchmark_and_marks_missed_bars(tmp_path):
+    from quant import report
+
+    assert "No benchmark yet" in report.speed_table(tmp_path)
+    bench = {"rounds": 3, "machine": {"cpu": "CPU X", "logical_cpus": 2, "torch": "2", "torch_threads": 2, "device": "cpu"},
+             "floor": {"128": {"images_per_s": 1000.0, "ms_per_step": 12.8}},
+             "real_epoch_bf16": {"fp": {"images_per_s": 1500.0, "ms_per_step": 8.5}},
+             "ratios": {"naive_over_real": {"value": 1.2, "per_round": [1.1, 1.2, 1.4], "bar": 1.3, "bar_is": "min"}}}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(bench))
+    table = report.speed_table(tmp_path)
+    assert "| real epoch, FP32 | bf16 | 1,500 | 8.5 |" in table
+    assert "| naive_over_real | 1.20 | 1.10–1.40 | ≥ 1.3 | **no** |" in table and "CPU X" in table
