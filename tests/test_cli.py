@@ -156,3 +156,14 @@ def test_run_main_turns_sigterm_into_interrupt(capsys, restore_sigterm):
 def test_pick_device():
     assert cli.pick_device("cpu").type == "cpu"
     assert cli.pick_device("auto").type in ("cpu", "cuda")
+
+
+def test_cli_is_not_a_hub():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    quant = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    quant |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+              and not node.module for alias in node.names}
+    assert quant == {"config", "errors", "results"}

@@ -14,6 +14,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from conftest import (REPO, assert_one_line_error, bad_checkpoints, call_script, files_in, run_all, run_script,
                       start_script, stop, wait_for_line)
@@ -217,6 +218,17 @@ def test_eval_appends_the_deployed_models_accuracy(trained, synthetic_mnist, tmp
     assert float(rows[1]["test_acc"]) > 50
     assert rows[1]["checkpoint"] == str(root / "a.pth") and int(rows[1]["epochs"]) == 1
     assert f"{expected['acc']:.2f}%" in result.stdout
+
+
+def test_eval_reads_the_checkpoint_once(trained, synthetic_mnist, tmp_path, monkeypatch):
+    root, _ = trained
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs))
+    result = call_script("eval.py", "--mode", "fp", "--checkpoint", root / "a.pth", "--data-dir", synthetic_mnist,
+                         "--skip-checksum", "--no-append", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert loads == [root / "a.pth"]
 
 
 def test_real_mnist_small_run(real_mnist, tmp_path):
