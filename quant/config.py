@@ -113,7 +113,7 @@ def check(key: Key, value):
     if key.type is bool:
         text = str(value).lower()
         if text not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{value!r} is not true/false")
+            raise ValueError(f"{value!r} is not one of False, True")
         return text in ("true", "1", "yes")
     if key.type not in (int, float):
         return key.type(value)
@@ -121,12 +121,12 @@ def check(key: Key, value):
         if isinstance(value, bool):
             raise TypeError
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{value!r} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{value!r} is not {'an integer' if key.type is int else 'a number'}") from None
     if not math.isfinite(number):
         raise ValueError(f"must be finite, got {value!r}")
     if key.type is int and not number.is_integer():
-        raise ValueError(f"must be an integer {key.range}, got {value!r}")
+        raise ValueError(f"{value!r} is not an integer")
     if not _in_range(number, key.range):
         raise ValueError(f"must be {'in ' if key.range[0] in '([' else ''}{key.range}, got {value!r}")
     return int(number) if key.type is int else number

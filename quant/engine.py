@@ -126,11 +126,13 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) ->
 
 
 def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int, schedule: str, weight_decay: float,
-          shift: int, seed: int, precision: str, device="cpu", progress: bool = True, log=print) -> list[dict]:
+          shift: int, seed: int, precision: str, device="cpu", progress: bool = True, log=print,
+          on_epoch=None) -> list[dict]:
     """Train `model` in place with `method`'s hooks; return the per-epoch history.
 
     `shift` > 0 translates each training image by up to that many pixels (augmentation; 0 = off).
     `precision` is "fp32" or "bf16" (resolve "auto" with `resolve_precision` first).
+    `on_epoch(row)`, if given, sees each epoch's history row as it is made (tuning's pruner); it may raise to stop.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"train: precision must be fp32 or bf16, got {precision!r}")
@@ -181,5 +183,7 @@ def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int
         extras = "".join(f"  {k} {v:.4g}" for k, v in stats.items())
         log(f"[{method.name}] epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}%  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%  {row['seconds']:.1f}s{extras}")
+        if on_epoch is not None:
+            on_epoch(row)
     method.finish(model, batches(train_x[:5000], train_y[:5000], 500))
     return history

@@ -37,22 +37,20 @@ def build(config: dict, device="cpu"):
 
 
 def train_run(config: dict, data: MNIST, device="cpu", progress: bool = False, log=print,
-              epoch_validation: bool = True) -> dict:
+              epoch_validation: bool = True, on_epoch=None) -> dict:
     """Build and train `config` on `data`, export it and score the deployed model on the validation split.
 
     Returns {"model", "method", "history", "export", "val" (evaluate's dict), "precision" (the resolved one),
-    "train_seconds"}. epoch_validation=False hides the validation and test splits from training (a tuning
-    trial: no per-epoch score of the latent model, and no way to read the test set).
+    "train_seconds"}. Training never sees the test split; epoch_validation=False hides the validation split
+    from it too (a tuning trial scores only the deployed model). `on_epoch` gets each history row (a pruner).
     """
     model, method = build(config, device)
     precision = resolve_precision(config["precision"], device)
-    seen = data
-    if not epoch_validation:
-        empty_x, empty_y = data.val_x[:0], data.val_y[:0]
-        seen = replace(data, val_x=empty_x, val_y=empty_y, test_x=empty_x, test_y=empty_y)
+    none_x, none_y = data.val_x[:0], data.val_y[:0]
+    seen = replace(data, test_x=none_x, test_y=none_y, **({} if epoch_validation else {"val_x": none_x, "val_y": none_y}))
     start = time.perf_counter()
     history = train(model, method, seen, **{k: config[k] for k in TRAIN_ARGS}, precision=precision, device=device,
-                    progress=progress, log=log)
+                    progress=progress, log=log, on_epoch=on_epoch)
     train_seconds = time.perf_counter() - start
     # Huge but finite losses (e.g. --lr 1e6) slip past the engine's NaN check; never keep such a model.
     split = "val" if len(seen.val_y) else "train"

@@ -1,49 +1,44 @@
-"""Hyperparameter search on the validation split: grids, trials, the search loop, and the tuned config.
+"""Hyperparameter search on the validation split, as Optuna studies: grids, the trial, and the tuned config.
 
 A trial trains LeNet-5 for a short budget (default 1 epoch on 20,000 images) on the training split minus
 the validation split, then scores the *deployed* model -- `rebuild_model(method.export(model))`, exactly
 the codes x scales that eval and packing see -- on the validation split. The test set is never read
 here: choosing hyperparameters on it would make every reported test accuracy optimistic.
 
-Files, rewritten atomically after every trial while holding a file lock (re-read, merge, write), so a
-search killed at any moment leaves valid JSON, a rerun skips every recorded trial, and two tuners
-writing the same file lose nothing:
+Each mode has one study per budget (epochs, train_subset, val_size, seed, data checksum) in an RDB storage:
+a SQLite file beside the outputs, or any URL Optuna accepts (PostgreSQL: many machines on one study). A
+rerun runs only the configs without a finished trial; a trial that died (its heartbeat stops, or it was
+interrupted) is failed and queued again; a config finished twice (concurrent workers may both take the
+last grid point) counts once. The outputs are rewritten atomically from the study after each trial:
 
     {mode}_tuning.json   {"mode": m, "trials": [{"config", "val_acc", "val_loss", "seconds", "seed", ...}]}
     tuning_summary.json  {mode: {"config", "val_acc", "val_loss", "choice", "best", "trials", "budget", ...}}
-
-A trial is identified by the canonical JSON of its full config: hyperparameters, budget (epochs,
-train_subset, val_size), seed and the data checksum. The summary ranks only trials with the budget of
-the latest search: scores from different budgets are not comparable. Its config (what --use-tuned
-trains) is the best trial's, unless the mode's defaults score within one standard error of it
-(`summarize`).
 """
-import concurrent.futures as futures
 import itertools
 import json
 import math
-import multiprocessing
-import os
-import signal
-import threading
 import time
-from datetime import datetime, timezone
+import warnings
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import optuna
+import sqlalchemy.exc
 import torch
-from tqdm import tqdm
+from optuna.trial import TrialState
 
-from .config import MODES as METHODS
 from .config import KEYS, default_config, tunable_keys, validate
+from .config import MODES as METHODS
 from .data import load_mnist
 from .engine import DivergenceError
 from .errors import ConfigError, QuantError
-from .files import atomic_write_json, locked
+from .files import atomic_write_json
 from .runs import train_run
 
-SUMMARY = "tuning_summary.json"
+SUMMARY, DATABASE = "tuning_summary.json", "studies.db"
 TRAIN_KEYS = tuple(tunable_keys("fp"))  # the tunable training knobs of every mode
-BUDGET_KEYS = ("epochs", "train_subset", "val_size", "seed", "precision", "data_checksum")
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+HEARTBEAT, GRACE = 2, 10  # seconds between a running trial's heartbeats; silence after which its worker is dead
 
 # Default grids: 69 trials, sized so `tune_hyperparams.py --mode all` (1 epoch on 20,000 images, ~5-8 s a
 # trial on 2 CPU cores) takes about 6-9 minutes. lr spans the useful Adam range around the 3e-3 default;
@@ -58,75 +53,33 @@ GRIDS = {
     "admm": {"lr": [3e-3, 1e-2], "batch_size": [64, 128], "rho": [1e-5, 1e-4, 1e-3], "admm_rounds": [23, 46]},
 }
 
-
-def valid_keys(mode: str) -> list[str]:
-    """Keys a grid for `mode` may have: the training knobs plus the method's own hyperparameters."""
-    return tunable_keys(mode)
-
-
-def validate_grid(mode: str, grid: dict) -> dict:
-    """Check and normalise `grid` ({key: value or [values]}) for `mode`; ValueError names the valid keys."""
-    if mode not in METHODS:
-        raise ConfigError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
-    if not isinstance(grid, dict):
-        raise ConfigError(f"a grid must be a JSON object {{key: [values]}}, got {type(grid).__name__}")
-    out = {}
-    for key, values in grid.items():
-        if key not in valid_keys(mode):
-            raise ConfigError(f"mode {mode} has no tunable key {key!r} (valid keys: {', '.join(valid_keys(mode))})")
-        values = values if isinstance(values, list) else [values]
-        if not values:
-            raise ConfigError(f"{key}: empty list of values")
-        normalised = [validate(mode, key, v) for v in values]
-        out[key] = list(dict.fromkeys(normalised))  # drop duplicates, keep order
-    return out
-
-
 def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
-    """{mode: grid}: each mode's default grid with `overrides` replacing the keys they name.
+    """{mode: grid}: each mode's default grid with `overrides` replacing the keys they name, every value checked.
 
-    `overrides` is either flat ({key: values}, applied to every listed mode that has the key) or per mode
-    ({mode: {key: values}}). A flat key that no listed mode has is refused with the valid keys.
+    `overrides` is flat ({key: values}, for each listed mode that has the key) or per mode ({mode: {key: values}}).
     """
-    if not isinstance(overrides or {}, dict):
-        raise ConfigError("a grid must be a JSON object {key: [values]} or {mode: {key: [values]}}")
     overrides = dict(overrides or {})
     per_mode = {m: overrides.pop(m) for m in list(overrides) if m in METHODS}
-    known = list(dict.fromkeys(k for m in modes for k in valid_keys(m)))
-    for key in overrides:
-        if key not in known:
-            which = f"mode {modes[0]} has no" if len(modes) == 1 else f"none of the modes {', '.join(modes)} has a"
-            raise ConfigError(f"{which} tunable key {key!r} (valid keys: {', '.join(known)})")
-    grids = {}
-    for mode in modes:
-        grid = {**GRIDS[mode], **{k: v for k, v in overrides.items() if k in valid_keys(mode)}}
-        grids[mode] = validate_grid(mode, {**grid, **per_mode.get(mode, {})})
-    for mode in per_mode:
-        if mode not in modes:
-            raise ConfigError(f"the grid names mode {mode}, which is not being tuned (--mode {' / '.join(modes)})")
+    valid = {m: tunable_keys(m) for m in modes}
+    known = list(dict.fromkeys(k for m in modes for k in valid[m]))
+    for mode, grid in per_mode.items():
+        if mode not in modes or not isinstance(grid, dict):
+            raise ConfigError(f"the grid names mode {mode}, which is not being tuned (--mode {' / '.join(modes)})"
+                             if mode not in modes else f"the grid of {mode} must be a JSON object {{key: [values]}}")
+    for key in overrides.keys() - set(known):
+        which = f"mode {modes[0]} has no" if len(modes) == 1 else f"none of the modes {', '.join(modes)} has a"
+        raise ConfigError(f"{which} tunable key {key!r} (valid keys: {', '.join(known)})")
+    grids = {m: {**GRIDS[m], **{k: v for k, v in overrides.items() if k in valid[m]}, **per_mode.get(m, {})}
+             for m in modes}
+    for mode, grid in grids.items():
+        for key, values in grid.items():
+            if key not in valid[mode]:
+                raise ConfigError(f"mode {mode} has no tunable key {key!r} (valid keys: {', '.join(valid[mode])})")
+            values = values if isinstance(values, list) else [values]
+            if not values:
+                raise ConfigError(f"{key}: empty list of values")
+            grid[key] = list(dict.fromkeys(validate(mode, key, v) for v in values))  # no duplicates, same order
     return grids
-
-
-def parse_set(spec: str) -> tuple[str, list[str]]:
-    """'batch-size=64,128' -> ('batch_size', ['64', '128']) (values are checked later by validate_grid)."""
-    key, sep, values = spec.partition("=")
-    if not sep or not key.strip() or not values.strip():
-        raise ConfigError(f"--set {spec!r}: expected key=v1,v2,...")
-    return key.strip().replace("-", "_"), [v.strip() for v in values.split(",")]
-
-
-def read_grid_json(text: str) -> dict:
-    """A grid from inline JSON text (starting with '{') or a JSON file path."""
-    inline = text.lstrip().startswith("{")
-    try:
-        grid = json.loads(text if inline else Path(text).read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--grid: {'inline text' if inline else text} is not valid JSON ({e})") from None
-    except OSError as e:
-        raise ConfigError(f"--grid: cannot read {text} ({e.strerror}); pass a JSON file or inline JSON") from None
-    if not isinstance(grid, dict):
-        raise ConfigError("--grid: expected a JSON object {key: [values]} or {mode: {key: [values]}}")
-    return grid
 
 
 def trial_key(config: dict) -> str:
@@ -134,52 +87,50 @@ def trial_key(config: dict) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
+def trial_config(mode: str, params: dict, budget: dict) -> dict:
+    """train.py's full config for `mode` (unlisted keys at its defaults) with `params` and the tuning budget."""
+    config = default_config(mode, **{k: v for k, v in params.items() if k in TRAIN_KEYS},
+                            hyperparams={k: v for k, v in params.items() if k not in TRAIN_KEYS},
+                            **{k: v for k, v in budget.items() if k != "data_checksum"})
+    return {**config, **budget}
+
+
 def expand(mode: str, grid: dict, budget: dict) -> list[dict]:
-    """Every full trial config of the grid's Cartesian product: train.py's config for `mode` (so unlisted
-    keys take the same defaults) with the grid's values and the tuning budget."""
-    keys = list(grid)
-    configs = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        chosen = dict(zip(keys, values))
-        config = default_config(mode, **{k: v for k, v in chosen.items() if k in TRAIN_KEYS},
-                                hyperparams={k: v for k, v in chosen.items() if k not in TRAIN_KEYS},
-                                **{k: v for k, v in budget.items() if k != "data_checksum"})
-        configs.append({**config, **budget})
-    return configs
+    """Every full trial config of the grid's Cartesian product, in product order."""
+    return [trial_config(mode, dict(zip(grid, values)), budget) for values in itertools.product(*grid.values())]
 
 
-def run_trial(config: dict, data, device="cpu") -> dict:
-    """Train one config on `data`'s training split; score the deployed model on its validation split."""
-    record = {"config": config, "seed": config["seed"]}
-    start = time.perf_counter()
+def run_trial(config: dict, data, device="cpu", on_epoch=None) -> dict:
+    """Train one config on `data`'s training split; score the deployed model on its validation split.
+
+    The engine never gets the test split, nor the validation split unless `on_epoch` (the pruner) wants
+    each epoch's validation score."""
+    record, start = {"config": config, "seed": config["seed"]}, time.perf_counter()
     try:
-        val = train_run(config, data, device, log=lambda _: None, epoch_validation=False)["val"]
-        loss = val["loss"] if math.isfinite(val["loss"]) else None  # JSON has no NaN/inf
-        record.update(val_acc=val["acc"], val_loss=loss)
+        val = train_run(config, data, device, log=lambda _: None, epoch_validation=on_epoch is not None,
+                        on_epoch=on_epoch)["val"]
+        record.update(val_acc=val["acc"], val_loss=val["loss"] if math.isfinite(val["loss"]) else None)  # JSON: no inf
     except DivergenceError as e:  # a diverging lr is a result of the search, not a crash
         record.update(val_acc=None, val_loss=None, error=str(e))
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    record["threads"] = torch.get_num_threads()  # seconds depend on it (and on what else the machine runs)
-    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return record
+    return {**record, "seconds": round(time.perf_counter() - start, 3),
+            "threads": torch.get_num_threads(),  # seconds depend on it (and on what else the machine runs)
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _read_json(path: Path, empty: dict) -> dict:
     """The JSON object in `path` (`empty` if absent); a foreign or broken file is an error, never overwritten."""
-    if not path.exists():
-        return empty
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text()) if path.exists() else empty
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantError(f"{path}: not valid JSON ({e}); move it aside to start a fresh search") from None
-    if not isinstance(doc, dict) or ("trials" in empty and not isinstance(doc.get("trials"), list)):
-        raise QuantError(f"{path}: not a tuning file; move it aside to start a fresh search")
+        raise QuantError(f"{path}: not valid JSON ({e}); move it aside and rerun to rewrite it") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("trials", []), list):
+        raise QuantError(f"{path}: not a tuning file; move it aside and rerun to rewrite it")
     return doc
 
 
 def read_trials(out_dir, mode: str) -> list[dict]:
-    """Every recorded trial of `mode` in `out_dir` ([] if none)."""
-    return _read_json(Path(out_dir) / f"{mode}_tuning.json", {"mode": mode, "trials": []})["trials"]
+    """Every trial of `mode` recorded in `out_dir` ([] if none)."""
+    return _read_json(Path(out_dir) / f"{mode}_tuning.json", {"trials": []})["trials"]
 
 
 def read_summary(out_dir) -> dict:
@@ -220,160 +171,154 @@ def summarize(trials: list[dict], budget: dict) -> dict | None:
     def knobs(t):
         return {**{k: t["config"][k] for k in TRAIN_KEYS}, "hyperparams": t["config"]["hyperparams"]}
 
+    pruned = sum("pruned" in t for t in same)
     return {"config": knobs(chosen), "val_acc": chosen["val_acc"], "val_loss": chosen["val_loss"], "seed": chosen["seed"],
             "choice": "defaults" if keep_default else "best",
             "best": {"config": knobs(best), "val_acc": best["val_acc"], "val_loss": best["val_loss"]},
             "defaults_val_acc": None if default is None else default["val_acc"], "standard_error": se,
-            "trials": len(same), "diverged": len(same) - len(scored), "budget": budget,
+            "trials": len(same), "diverged": len(same) - len(scored) - pruned, "pruned": pruned, "budget": budget,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def record_trial(out_dir, record: dict) -> list[dict]:
-    """Merge one trial into {mode}_tuning.json and refresh tuning_summary.json; returns the mode's trials.
-
-    Both files are re-read, merged and written atomically under their locks (always taken in the order
-    mode file, then summary, so two tuners never deadlock), so concurrent tuners lose nothing.
-    """
-    out_dir = Path(out_dir)
-    config = record["config"]
-    mode = config["mode"]
-    path, summary_path = out_dir / f"{mode}_tuning.json", out_dir / SUMMARY
-    with locked(path):
-        doc = _read_json(path, {"mode": mode, "trials": []})
-        if trial_key(config) not in {trial_key(t["config"]) for t in doc["trials"]}:
-            doc["trials"].append(record)
-            atomic_write_json(path, doc)
-        _write_summary(summary_path, mode, doc["trials"], {k: config[k] for k in BUDGET_KEYS})
-    return doc["trials"]
-
-
-def _undated(entry: dict | None) -> dict:
-    return {k: v for k, v in (entry or {}).items() if k != "updated"}
+def open_study(url: str, mode: str, budget: dict, sampler=None, pruner=None) -> optuna.Study:
+    """`mode`'s study for `budget` in the RDB storage at `url` (created if new), with heartbeats on."""
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # an interrupted trial: no traceback (a crash raises anyway)
+    for attempt in range(10):
+        try:  # SQLite admits one writer at a time: wait for the lock rather than fail (Optuna FAQ, SQLite concurrency)
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
+                heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+            break
+        except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:  # a bad URL, no driver, no server...
+            if not isinstance(e, sqlalchemy.exc.DBAPIError) or attempt == 9:  # ...or workers creating the tables
+                raise QuantError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
+            time.sleep(0.5)
+    name = (f"{mode}-{budget['epochs']}ep-{budget['train_subset'] or 'all'}img-{budget['val_size']}val-seed{budget['seed']}"
+            f"-{budget['precision']}")
+    return optuna.create_study(storage=storage, study_name=f"{name}-{budget['data_checksum'][:12]}", sampler=sampler,
+                               pruner=pruner, direction="maximize", load_if_exists=True)
 
 
-def _write_summary(summary_path: Path, mode: str, trials: list[dict], budget: dict) -> None:
-    with locked(summary_path):
-        summary = _read_json(summary_path, {})
-        entry = summarize(trials, budget)
-        if entry is not None and _undated(entry) != _undated(summary.get(mode)):  # unchanged: keep file and time stamp
-            summary[mode] = entry
-            summary = {m: summary[m] for m in [*METHODS, *summary] if m in summary}
-            atomic_write_json(summary_path, summary)
+def finished(study: optuna.Study) -> dict:
+    """{trial key: record} of the study's finished trials, each config once (its first trial)."""
+    records = {}
+    for t in sorted(study.get_trials(deepcopy=False, states=DONE), key=lambda t: t.number):
+        records.setdefault(trial_key(t.user_attrs["record"]["config"]), t.user_attrs["record"])
+    return records
 
 
-def refresh_summary(out_dir, mode: str, budget: dict) -> None:
-    """Rewrite `mode`'s summary entry from its recorded trials with `budget` (a rerun with nothing left to run)."""
-    out_dir = Path(out_dir)
-    path = out_dir / f"{mode}_tuning.json"
-    with locked(path):
-        _write_summary(out_dir / SUMMARY, mode, _read_json(path, {"mode": mode, "trials": []})["trials"], budget)
+def write_outputs(study: optuna.Study, mode: str, budget: dict, out_dir, order: list[str] = ()) -> None:
+    """Rewrite {mode}_tuning.json (the study's configs, in `order` of trial keys first) and the mode's summary."""
+    records, rank = finished(study), {key: i for i, key in enumerate(order)}
+    found = [records[k] for k in sorted(records, key=lambda k: rank.get(k, len(rank)))]
+    # Trials of other budgets (other studies) stay in the file; the summary ranks this budget's.
+    others = [t for t in read_trials(out_dir, mode) if any(t["config"].get(k) != v for k, v in budget.items())]
+    atomic_write_json(Path(out_dir) / f"{mode}_tuning.json", {"mode": mode, "trials": others + found})
+    summary, entry = read_summary(out_dir), summarize(found, budget)
+    undated = [{k: v for k, v in (e or {}).items() if k != "updated"} for e in (entry, summary.get(mode))]
+    if entry is not None and undated[0] != undated[1]:  # unchanged: keep the file and its time stamp
+        summary[mode] = entry
+        atomic_write_json(Path(out_dir) / SUMMARY, {m: summary[m] for m in [*METHODS, *summary] if m in summary})
 
 
-def _describe(config: dict, keys) -> str:
-    flat = {**config, **config["hyperparams"]}
-    return " ".join(f"{k}={flat[k]:g}" if isinstance(flat[k], float) else f"{k}={flat[k]}" for k in keys)
-
-
-def _score(record: dict) -> str:
-    if record["val_acc"] is None:
-        return "diverged"
-    loss = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "inf"
-    return f"val acc {record['val_acc']:.2f}% loss {loss}"
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, minutes = divmod(seconds // 60, 60)
-    return f"{hours}:{minutes:02d}:{seconds % 60:02d}" if hours else f"{minutes}:{seconds % 60:02d}"
-
-
-_WORKER = {}
-
-
-def _init_worker(threads: int, data_kwargs: dict) -> None:
-    # The parent handles Ctrl-C and stops the pool; workers ignoring SIGINT avoids a traceback per worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # tqdm's default lock is a multiprocessing semaphore; a worker terminated on Ctrl-C would leave it
-    # registered, and the resource tracker warns about it. Workers draw no bars: a thread lock suffices.
-    tqdm.set_lock(threading.RLock())
-    torch.set_num_threads(threads)
-    _WORKER["data"] = load_mnist(**data_kwargs, allow_download=False)
-
-
-def _pool_trial(config: dict, device) -> dict:
-    return run_trial(config, _WORKER["data"], device)
+def _suggest(trial, key: str, values: list):
+    """The value of `key` for this trial: the sampler's pick from the grid's values (TPE: from their range; a
+    float key whose range excludes 0 on a log scale)."""
+    spec = KEYS[key]
+    if spec.type in (str, bool) or isinstance(spec.type, tuple):
+        return trial.suggest_categorical(key, (False, True) if spec.type is bool else spec.type)  # every choice
+    if spec.type is int:
+        return trial.suggest_int(key, min(values), max(values))
+    return trial.suggest_float(key, min(values), max(values), log=spec.range.startswith(("(0", "> 0")))
 
 
 def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, val_size: int = KEYS["val_size"].default,
-           seed: int = KEYS["seed"].default, precision: str = KEYS["precision"].default, data_dir="data",
-           skip_checksum: bool = False, workers: int = 1, out_dir="results/tuning", device="cpu", log=print) -> list[dict]:
-    """Run every not-yet-recorded trial of `grids` ({mode: grid}); returns the records of this run's trials.
+           seed: int = KEYS["seed"].default, precision: str = KEYS["precision"].default, data_dir="data", skip_checksum: bool = False, out_dir="results/tuning", storage=None, sampler: str = "grid",
+           trials: int | None = None, prune: bool = False, device="cpu", log=print) -> list[dict]:
+    """Run each mode's study until every grid config (or, with TPE, `trials` trials) has finished, here or in other
+    processes on the same storage; write the outputs; return the records of the trials this process ran.
 
-    workers > 1 runs trials in separate processes, each with cores // workers torch threads.
+    `grids` come from `build_grids`. `prune` stops a multi-epoch trial whose validation accuracy after an
+    epoch is below the median of the earlier trials' at that epoch (Optuna's MedianPruner).
     """
-    if val_size < 1:
-        raise ConfigError("tuning needs a validation split: --val-size must be >= 1")
-    grids = {mode: validate_grid(mode, grid) for mode, grid in grids.items()}
-    data_kwargs = {"data_dir": data_dir, "val_size": val_size, "split_seed": seed, "train_subset": train_subset,
-                   "verify_checksum": not skip_checksum}
-    data = load_mnist(**data_kwargs)
+    if val_size < 1 or (sampler == "tpe") != (trials is not None):
+        raise ConfigError("tuning needs --val-size >= 1" if val_size < 1 else
+                         "--trials N goes with --sampler tpe, and --sampler tpe needs it")
+    data = load_mnist(data_dir, val_size=val_size, split_seed=seed, train_subset=train_subset,
+                      verify_checksum=not skip_checksum)
     budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed, "precision": precision,
               "data_checksum": data.checksum}
-    pending, total = [], 0
+    url = storage or f"sqlite:///{Path(out_dir) / DATABASE}"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    log(f"tuning {', '.join(grids)} in {url}: {epochs} epoch(s) on {len(data.train_y)} images, scored on "
+        f"{len(data.val_y)} validation images, {torch.get_num_threads()} torch thread(s)")
+    ran = []
     for mode, grid in grids.items():
-        done = {trial_key(t["config"]) for t in read_trials(out_dir, mode)}
-        configs = expand(mode, grid, budget)
-        total += len(configs)
-        pending += [c for c in configs if trial_key(c) not in done]
-    for mode in grids:
-        if not any(c["mode"] == mode for c in pending):
-            refresh_summary(out_dir, mode, budget)  # nothing to run: the summary still follows the current rules
-    log(f"tuning {', '.join(grids)}: {total} trials, {total - len(pending)} already recorded in {out_dir}; "
-        f"{epochs} epoch(s) on {len(data.train_y)} images, scored on {len(data.val_y)} validation images, "
-        f"{workers} worker(s)")
-    start, finished, skipped = time.perf_counter(), [], []
+        points = {trial_key(c): dict(zip(grid, values)) for c, values in
+                  zip(expand(mode, grid, budget), itertools.product(*grid.values()))}
+        sampler_ = (optuna.samplers.GridSampler(grid, seed=seed) if trials is None else
+                    optuna.samplers.TPESampler(constant_liar=True))  # unseeded: each worker samples its own
+        pruner = optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
+        study, total = open_study(url, mode, budget, sampler_, pruner), trials or len(points)
 
-    def note(record):
-        record_trial(out_dir, record)
-        finished.append(record)
-        config, n = record["config"], len(finished)
-        elapsed = time.perf_counter() - start
-        todo = len(pending) - len(skipped)
-        log(f"[{config['mode']} {n}/{todo}] {_describe(config, grids[config['mode']])}  {_score(record)}  "
-            f"{record['seconds']:.1f}s  elapsed {_clock(elapsed)}  ETA {_clock(elapsed / n * (todo - n))}")
+        def left() -> int:  # grid: configs without a finished trial; TPE: trials (a repeated config counts too)
+            if trials:
+                return total - len(study.get_trials(deepcopy=False, states=DONE))
+            return len(points.keys() - finished(study).keys())
 
-    if workers == 1 or len(pending) <= 1:
-        for config in pending:
-            # Another tuner on the same files may have run this trial meanwhile.
-            if trial_key(config) in {trial_key(t["config"]) for t in read_trials(out_dir, config["mode"])}:
-                skipped.append(config)
-                continue
-            note(run_trial(config, data, device))
-        return finished
-    del data  # each worker loads its own copy
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(threads, data_kwargs))
-    try:
-        jobs = [pool.submit(_pool_trial, config, device) for config in pending]
-        for job in futures.as_completed(jobs):
-            note(job.result())
-    except BaseException:
-        # Stop at once (Ctrl-C, a failed trial): the finished trials are already on disk.
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)  # joins the dead workers and frees their queues
-        raise
-    pool.shutdown()
-    return finished
+        def objective(trial):
+            config = trial_config(mode, {k: _suggest(trial, k, v) for k, v in grid.items()}, budget)
+            for old in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                if trial_key(old.user_attrs["record"]["config"]) == trial_key(config):  # e.g. in an earlier grid
+                    trial.set_user_attr("record", old.user_attrs["record"])
+                    return old.value
+            t0 = time.perf_counter()
+
+            def report(row):  # --prune: the median rule on each epoch's validation accuracy
+                trial.report(row["val_acc"], row["epoch"])
+                if row["epoch"] < epochs and trial.should_prune():
+                    trial.set_user_attr("record", {"config": config, "seed": seed, "val_acc": None, "val_loss": None,
+                                                   "pruned": row["epoch"], "seconds": round(time.perf_counter() - t0, 3)})
+                    raise optuna.TrialPruned()
+
+            record = run_trial(config, data, device, on_epoch=report if prune else None)
+            trial.set_user_attr("record", record)
+            ran.append(record)
+            return record["val_acc"] or 0.0  # diverged: the worst score, for the sampler
+
+        def progress(_, trial):  # after each trial here: the outputs, from the study, and one line
+            if trial.state in DONE:
+                write_outputs(study, mode, budget, out_dir, list(points))
+                r, n, elapsed = trial.user_attrs["record"], total - left(), time.perf_counter() - start
+                score = ("diverged" if "error" in r else f"pruned at epoch {r['pruned']}") if r["val_acc"] is None \
+                    else f"val acc {r['val_acc']:.2f}% loss {r['val_loss'] or math.inf:.4f}"
+                params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+                eta = elapsed / max(n - first, 1) * (total - n)
+                log(f"[{mode} {n}/{total}] {params}  {score}  {r['seconds']:.1f}s  "
+                    f"elapsed {timedelta(seconds=round(elapsed))}  ETA {timedelta(seconds=round(eta))}")
+
+        start, first = time.perf_counter(), total - left()
+        log(f"{mode}: {first} of {total} trials already finished in study {study.study_name}")
+        while left() > 0:
+            # GridSampler never returns to a point whose trial failed (interrupted, or crashed without its
+            # heartbeat's retry queued): once it has visited every point, queue the missing ones.
+            if trials is None and sampler_.is_exhausted(study) and not study.get_trials(states=(TrialState.WAITING,)):
+                for key in points.keys() - finished(study).keys():
+                    study.enqueue_trial(points[key])
+            study.optimize(objective, callbacks=[progress, *([optuna.study.MaxTrialsCallback(total, states=DONE)]
+                                                            if trials else [])])
+        write_outputs(study, mode, budget, out_dir, list(points))
+    return ran
 
 
-def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int = KEYS["seed"].default, skip_checksum: bool = False,
-                 out_dir="results/tuning", log=print, **search_kwargs) -> dict:
+def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int = KEYS["seed"].default,
+                 skip_checksum: bool = False, out_dir="results/tuning", log=print, **search_kwargs) -> dict:
     """The best recorded config for `mode` (lr, batch_size, schedule, weight_decay, shift, hyperparams).
 
     With `run_search`, first run the default (short) search for `mode`, with `search_kwargs` (epochs,
-    train_subset, val_size, workers) overriding its budget; recorded trials are reused.
+    train_subset, val_size) overriding its budget; finished trials are reused.
     """
     if mode not in METHODS:
         raise ConfigError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
