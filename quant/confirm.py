@@ -82,13 +82,14 @@ def choose(runs: list[dict], mode: str, precision: str, epochs: int, seeds: list
     base = dict(default["accs"])
     for c in complete:
         accs = [c["accs"][s] for s in seeds]
-        diffs = [c["accs"][s] - base[s] for s in seeds]
+        # rounded: accuracies count whole images, so a tie with the standard error must not turn on float noise
+        diffs = [round(c["accs"][s] - base[s], 9) for s in seeds]
         c.update(defaults=c is default, val_accs=accs, mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                  diff_vs_defaults=statistics.fmean(diffs),
                  diff_se=statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0)
         del c["accs"]
     best = max(complete, key=lambda c: c["mean"])
-    adopt = best is not default and best["diff_vs_defaults"] > best["diff_se"]
+    adopt = best is not default and round(best["diff_vs_defaults"] - best["diff_se"], 9) > 0
     return {"config": (best if adopt else default)["config"], "choice": "best" if adopt else "defaults",
             "precision": precision, "epochs": epochs, "seeds": seeds, "candidates": complete}
 
