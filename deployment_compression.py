@@ -20,7 +20,8 @@ from pathlib import Path
 
 from quant.cli import ArgumentParser, add_data_args, format_table, run_main, seed_everything
 from quant.data import load_mnist
-from quant.deployment import PackError, pack_and_verify
+from quant.deployment import pack_and_verify
+from quant.errors import QuantError
 from quant.packing import ENCODINGS
 
 COLUMNS = [("layer", "layer", ""), ("weights", "weights", "d"), ("fp32_bytes", "FP32 B", "d"),
@@ -62,23 +63,19 @@ def main():
     seed_everything(args.seed)
     paths = args.checkpoint or sorted(Path("checkpoints").glob("*.pth"))
     if not paths:
-        raise ValueError("no checkpoints/*.pth found; train one with train.py or pass --checkpoint PATH")
+        raise QuantError("no checkpoints/*.pth found; train one with train.py or pass --checkpoint PATH")
     encodings = tuple(ENCODINGS) if args.encoding in ("all", "both") else (args.encoding,)
     mnist = load_mnist(args.data_dir, test_only=True, verify_checksum=not args.skip_checksum) if args.verify else None
-    wrote = f"\nwrote {args.results_dir / 'deployment.csv'} and {args.results_dir / 'deployment.json'}"
-    try:
-        result = pack_and_verify(paths, encodings, mnist, onnx=args.onnx, fold_bn=not args.no_fold_bn,
-                                 float_dtype="fp16" if args.fp16 else "fp32", results_dir=args.results_dir,
-                                 command=" ".join(sys.argv), show=show)
-    except PackError as e:  # the results are written; the differing files are named
-        print(wrote)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # a prediction mismatch raises PackError (exit 1) after deployment.csv / .json are written
+    result = pack_and_verify(paths, encodings, mnist, onnx=args.onnx, fold_bn=not args.no_fold_bn,
+                             float_dtype="fp16" if args.fp16 else "fp32", results_dir=args.results_dir,
+                             command=" ".join(sys.argv), show=show)
     for s in result["not_packed"]:
         print(s["note"])
     if not result["checkpoints"]:
-        raise ValueError("none of the checkpoints has a ternary layer; nothing to pack")
-    print(wrote)
+        raise QuantError("none of the checkpoints has a ternary layer; nothing to pack")
+    print(f"\nwrote {args.results_dir / 'deployment.csv'} and {args.results_dir / 'deployment.json'}")
+
 
 if __name__ == "__main__":
     run_main(main)

@@ -8,8 +8,9 @@ import argparse
 from pathlib import Path
 
 from quant.checkpoint import load_checkpoint
-from quant.cli import ArgumentParser, add_data_args, add_mode_arg, format_table, pick_device, run_main, seed_everything
+from quant.cli import ArgumentParser, add_data_args, add_mode_arg, pick_device, run_main, seed_everything
 from quant.data import load_mnist
+from quant.results import format_table
 from quant.runs import evaluate_checkpoint
 
 LAYER_COLUMNS = [("layer", "layer", ""), ("shape", "shape", ""), ("params", "params", "d"),
@@ -30,9 +31,10 @@ def main():
     seed_everything(args.seed)
     path = Path(args.checkpoint or f"checkpoints/{args.mode}.pth")
     device = pick_device(args.device)
-    load_checkpoint(path, args.mode)  # fail on a bad checkpoint before spending time on the data
+    ckpt = load_checkpoint(path, args.mode)  # fail on a bad checkpoint before spending time on the data
     data = load_mnist(args.data_dir, test_only=True, verify_checksum=not args.skip_checksum)
-    result = evaluate_checkpoint(path, args.mode, data, None if args.no_append else args.results, args.tag, device)
+    result = evaluate_checkpoint(path, args.mode, data, None if args.no_append else args.results, args.tag, device,
+                                 ckpt=ckpt)
     row = result["row"]
     print(format_table(result["layers"], LAYER_COLUMNS))
     print(f"\n{args.mode}: test accuracy {row['test_acc']:.2f}%  loss {row['test_loss']:.4f}  "

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quant.cli import ArgumentParser, non_negative_int, pick_device, positive_int, run_main
-from quant.engine import PRECISIONS
+from quant.cli import ArgumentParser, add_config_flags, non_negative_int, pick_device, positive_int, run_main
 from quant.files import atomic_write_json
 from quant.methods import METHODS
 from quant.study import PackError, Plan, run_study
@@ -39,16 +38,12 @@ def parse_args():
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per run (default: 3; --quick: 1)")
     parser.add_argument("--train-subset", "--train_subset", type=positive_int, default=None,
                         help="train on the first N images of each split (default: all; --quick: 5000)")
-    parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,
-                        help="training images held out for validation, a random split per seed (default: 5000)")
+    add_config_flags(parser, "val_size", "precision")
     parser.add_argument("--data-dir", "--data_dir", type=Path, default=Path("data"),
                         help="folder with the four MNIST IDX files, downloaded there if absent (default: data)")
     parser.add_argument("--skip-checksum", action="store_true", help="accept non-MNIST IDX files (synthetic test data)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto = cuda if available (default: auto)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="training precision: bf16 runs the forward under autocast, auto = bf16 where the device "
-                             "has native bf16 (default: fp32)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: results (--quick: results/quick)")
@@ -67,7 +62,7 @@ def main():
         torch.set_num_threads(args.threads)
     given = {k: v for k, v in {"seeds": args.seeds, "epochs": args.epochs, "train_subset": args.train_subset,
                                "results_dir": args.results_dir}.items() if v is not None}
-    common = {"modes": args.modes, "val_size": args.val_size, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
+    common = {"modes": args.modes, "val_size": args.val_size, "precision": args.precision, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
               "verify_checksum": not args.skip_checksum, "device": pick_device(args.device), "reuse": args.reuse,
               "precision": args.precision, "progress": not args.no_progress}
     plan = Plan.quick(**given, **common) if args.quick else Plan(**given, **common)

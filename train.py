@@ -7,9 +7,11 @@ import argparse
 import time
 from pathlib import Path
 
-from quant.cli import (ArgumentParser, add_data_args, add_mode_arg, add_train_args, pick_device, resolve_config,
-                       run_main, seed_everything)
+from quant.cli import (ArgumentParser, add_data_args, add_mode_arg, add_train_args, given, pick_device, run_main,
+                       seed_everything)
+from quant.config import resolve
 from quant.data import load_mnist
+from quant.errors import QuantError
 from quant.runs import history_path, train_checkpoint
 
 STATE = {"out": None, "saved": False}
@@ -22,36 +24,37 @@ def parse_args():
     add_data_args(parser)
     parser.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/{mode}.pth)")
     parser.add_argument("--tune", action="store_true",
-                        help="run a short validation grid search for this mode first, then train with its best config")
+                        help="run a short validation search for this mode first, then train with its best config")
     parser.add_argument("--use-tuned", "--use_tuned", action="store_true",
                         help="start from the best config in results/tuning/tuning_summary.json (explicit flags win)")
-    return parser, parser.parse_args()
+    return parser.parse_args()
 
 
 def main():
-    parser, args = parse_args()
+    args = parse_args()
     base = None
     if args.tune or args.use_tuned:
         from quant.tuning import tuned_config
 
         base = tuned_config(args.mode, run_search=args.tune, data_dir=args.data_dir, seed=args.seed,
                             skip_checksum=args.skip_checksum)
-    config = resolve_config(parser, args, base)
+    config = resolve(args.mode, given(args), base)
     out = Path(args.out or f"checkpoints/{args.mode}.pth")
     STATE["out"] = out
     device = pick_device(args.device)
     seed_everything(args.seed, args.deterministic)
     data = load_mnist(args.data_dir, val_size=config["val_size"], split_seed=args.seed,
                       train_subset=config["train_subset"], verify_checksum=not args.skip_checksum)
-    if config["batch_size"] > len(data.train_y):  # resolve_config can only check against full MNIST's size
-        parser.error(f"--batch-size {config['batch_size']} is larger than the {len(data.train_y)} training images")
+    if config["batch_size"] > len(data.train_y):  # resolve can only check against full MNIST's size
+        raise QuantError(f"--batch-size {config['batch_size']} is larger than the {len(data.train_y)} training images")
     print(f"training {args.mode} on {len(data.train_y)} images ({len(data.val_y)} held out for validation), "
           f"{config['epochs']} epochs, lr {config['lr']:g}, batch {config['batch_size']}, {config['schedule']}, "
-          f"device {device}, seed {args.seed}" + (f", tuned config from {base.get('source', 'results/tuning/tuning_summary.json')}" if base else ""))
+          f"precision {config['precision']}, device {device}, seed {args.seed}"
+          + (f", tuned config from {base.get('source', 'results/tuning/tuning_summary.json')}" if base else ""))
     ckpt = train_checkpoint(config, data, out, device=device, progress=not args.no_progress)
     STATE["saved"] = True
     print(f"saved {out} and {history_path(out)} (deployed-model val acc {ckpt['metrics']['val_acc']:.2f}%, "
-          f"{ckpt['metrics']['train_seconds']:.1f}s training)")
+          f"{ckpt['metrics']['train_seconds']:.1f}s training, precision {ckpt['precision']})")
 
 
 def on_interrupt():

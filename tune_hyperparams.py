@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from quant import confirm, tuning
-from quant.engine import PRECISIONS
-from quant.cli import ArgumentParser, add_data_args, add_mode_arg, pick_device, positive_int, run_main
+from quant.cli import (ArgumentParser, add_config_flags, add_data_args, add_mode_arg, pick_device, positive_int,
+                       run_main)
 from quant.methods import METHODS
 
 STATE = {"saved": None}
@@ -71,8 +71,7 @@ def parse_args():
     parser.add_argument("--epochs", type=positive_int, default=1, help="training epochs per trial (default: 1)")
     parser.add_argument("--train-subset", "--train_subset", type=positive_int, default=20000,
                         help="train each trial on the first N images of the training split (default: 20000)")
-    parser.add_argument("--val-size", "--val_size", type=positive_int, default=5000,
-                        help="training images held out to score trials (random, seeded; default: 5000)")
+    add_config_flags(parser, "val_size", "precision")  # val_size: the images that score every trial
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="run N copies of this command on the same studies, each with cores/N torch threads "
                              "(default: 1)")
@@ -93,8 +92,6 @@ def parse_args():
                         help="instead of searching, retrain the defaults and the K best recorded configs per mode "
                              "at the full budget (3 epochs, all training images) on --confirm-seeds")
     parser.add_argument("--confirm-seeds", default="0,1,2", help="seeds of the --confirm runs (default: 0,1,2)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="training precision of --confirm runs (default: fp32)")
     add_data_args(parser)
     args = parser.parse_args()
     if args.confirm is not None and args.confirm < 0:
@@ -150,8 +147,9 @@ def main():
     elif args.workers > 1:
         run_workers(args.workers)  # then the search below finds every trial finished and writes the outputs
     tuning.search(args.grids, epochs=args.epochs, train_subset=args.train_subset, val_size=args.val_size,
-                  seed=args.seed, data_dir=args.data_dir, skip_checksum=args.skip_checksum, out_dir=args.out_dir,
-                  storage=args.storage, sampler=args.sampler, trials=args.trials, prune=args.prune, device=args.device)
+                  seed=args.seed, precision=args.precision, data_dir=args.data_dir, skip_checksum=args.skip_checksum,
+                  out_dir=args.out_dir, storage=args.storage, sampler=args.sampler, trials=args.trials, prune=args.prune,
+                  device=args.device)
     if args.worker:
         return
     summary = tuning.read_summary(args.out_dir)

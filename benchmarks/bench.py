@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from benchmarks import benchmarking  # noqa: E402
-from quant.cli import (ArgumentParser, add_data_args, non_negative_int, pick_device, positive_int,  # noqa: E402
+from quant.cli import (ArgumentParser, add_config_flags, add_data_args, pick_device, positive_int,  # noqa: E402
                        run_main, seed_everything)
 from quant.data import load_mnist  # noqa: E402
 from quant.engine import PRECISIONS, native_bf16  # noqa: E402
@@ -43,10 +43,7 @@ def parse_args():
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="besides FP32, also time bf16 autocast training: auto = where the device has native "
                              "bf16, bf16 = always, fp32 = never (default: auto)")
-    parser.add_argument("--val-size", "--val_size", type=non_negative_int, default=5000,
-                        help="training images held out for validation, as in train.py (default: 5000)")
-    parser.add_argument("--train-subset", "--train_subset", type=positive_int, default=None,
-                        help=f"train on the first N images of the training split (default: all; --quick: {QUICK_TRAIN_IMAGES})")
+    add_config_flags(parser, "val_size", "train_subset")  # --quick: train_subset QUICK_TRAIN_IMAGES
     return parser.parse_args()
 
 

@@ -39,14 +39,14 @@ import torch
 import torch.nn.functional as F
 
 from quant import admm
+from quant.config import MODES, default_config, hyperparams
 from quant.data import MEAN, STD, MNIST, find_idx_file, split_indices
 from quant.deploy_format import load_inference, pack, unpack
 from quant.engine import evaluate, make_optimizer, steps_per_epoch, train
 from quant.export import rebuild_model
-from quant.methods import HYPERPARAMS, METHODS, get_method
 from quant.model import LeNet5
 from quant.packing import ENCODINGS
-from quant.runs import default_config
+from quant.runs import TRAIN_ARGS, build
 from quant.ttq import TTQQuantizer
 from quant.twn import TWNQuantizer
 
@@ -112,12 +112,12 @@ def machine_info(device) -> dict:
 
 # ---------------------------------------------------------------- 1. compute floor
 
-def floor_steps(x: torch.Tensor, y: torch.Tensor, steps: int, device="cpu", precision: str = "fp32"):
+def floor_steps(x: torch.Tensor, y: torch.Tensor, steps: int, device, precision: str):
     """A function running `steps` forward + backward + Adam steps (the engine's optimizer) of a fresh LeNet-5
     on the one batch (x, y); with precision "bf16" the forward runs under autocast, as in the engine."""
     torch.manual_seed(0)
     model = LeNet5().to(device).train()
-    optimizer = make_optimizer([{"params": list(model.parameters())}], lr=1e-3)
+    optimizer = make_optimizer([{"params": list(model.parameters())}], lr=1e-3, weight_decay=0.0)
     x, y = x.to(device), y.to(device)
 
     def run():
@@ -131,7 +131,7 @@ def floor_steps(x: torch.Tensor, y: torch.Tensor, steps: int, device="cpu", prec
     return run
 
 
-def floor(data: MNIST, batch_size: int, steps: int, repeats: int = 1, device="cpu", precision: str = "fp32") -> dict:
+def floor(data: MNIST, batch_size: int, steps: int, repeats: int, device, precision: str) -> dict:
     """Images/s of forward + backward + Adam on one batch already in memory: the median of `repeats` passes of
     `steps` steps, after a 5-step warm-up."""
     x, y = data.train_x[:batch_size], data.train_y[:batch_size]
@@ -148,7 +148,7 @@ def profile_floor(x: torch.Tensor, y: torch.Tensor, steps: int, top: int = 15) -
     and as a share of all operators' self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    run = floor_steps(x, y, steps)
+    run = floor_steps(x, y, steps, "cpu", "fp32")
     run()  # warm-up: allocator, oneDNN primitives
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
@@ -161,28 +161,17 @@ def profile_floor(x: torch.Tensor, y: torch.Tensor, steps: int, top: int = 15) -
 
 # ---------------------------------------------------------------- 2. the real training epoch
 
-def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int = 0, device="cpu",
-               precision: str = "fp32") -> tuple[dict, dict]:
+def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int, device, precision: str) -> tuple[dict, dict]:
     """One full epoch of quant.engine.train in `mode` with its default config; returns (timings, export)."""
     # TTQ without its FP warm-up, so that every timed step is a ternary step
     config = default_config(mode, epochs=1, batch_size=batch_size, seed=seed,
                             hyperparams={"warmup_frac": 0.0} if mode == "ttq" else {})
 
-    def fresh():  # as runs.train_checkpoint builds it
-        torch.manual_seed(seed)
-        model = LeNet5().to(device)
-        method = get_method(mode, keep_fp=config["keep_fp"], **config["hyperparams"])
-        method.attach(model)
-        return model, method
-
     warm_data = MNIST(data.train_x[:4 * batch_size], data.train_y[:4 * batch_size], data.val_x[:batch_size],
                       data.val_y[:batch_size], data.test_x[:0], data.test_y[:0], data.checksum)
-    kwargs = dict(epochs=1, lr=config["lr"], batch_size=batch_size, schedule=config["schedule"],
-                  weight_decay=config["weight_decay"], shift=config["shift"], seed=seed, device=device,
-                  precision=precision, log=lambda line: None)
-    model, method = fresh()
-    train(model, method, warm_data, progress=False, **kwargs)  # warm-up: allocator, kernels, oneDNN primitives
-    model, method = fresh()
+    kwargs = dict(**{k: config[k] for k in TRAIN_ARGS}, precision=precision, device=device, log=lambda line: None)
+    train(*build(config, device), warm_data, progress=False, **kwargs)  # warm-up: allocator, kernels, oneDNN primitives
+    model, method = build(config, device)  # as runs.train_run builds it
     history = []
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # tqdm writes to stderr
         epoch_seconds = timed(lambda: history.extend(train(model, method, data, progress=True, **kwargs)), device)
@@ -234,7 +223,7 @@ def naive_epoch(data_dir, batch_size: int, val_size: int, split_seed: int = 0, t
     subset = Subset(dataset, indices[:train_subset].tolist())
     torch.manual_seed(split_seed)
     model = LeNet5().to(device).train()
-    optimizer = make_optimizer([{"params": list(model.parameters())}], lr=1e-3)
+    optimizer = make_optimizer([{"params": list(model.parameters())}], lr=1e-3, weight_decay=0.0)
 
     def run(loader, max_batches=None):
         for i, (x, y) in enumerate(loader):
@@ -320,7 +309,7 @@ def quantizer_overhead(iterations: int, repeats: int, admm_interval: int, device
         return step
 
     ms = lambda fn, n=iterations: 1e3 * median_seconds(fn, repeats, device=device) / n
-    state = admm.ADMMState(layers, rho=HYPERPARAMS["admm"]["rho"], rho_growth=1.0)  # growth 1: repeats time the same work
+    state = admm.ADMMState(layers, rho=hyperparams("admm")["rho"], rho_growth=1.0)  # growth 1: repeats time the same work
     for u in state.U.values():
         u.normal_(0, 0.01)  # a non-trivial dual, as after a few rounds
 
@@ -335,8 +324,8 @@ def quantizer_overhead(iterations: int, repeats: int, admm_interval: int, device
 
     update_ms = ms(state.update, 1)
     return {"iterations": iterations, "repeats": repeats,
-            "twn_ms_per_step": ms(through([TWNQuantizer().to(device) for _ in weights])),
-            "ttq_ms_per_step": ms(through([TTQQuantizer(w).to(device) for w in weights])),
+            "twn_ms_per_step": ms(through([TWNQuantizer(**hyperparams("twn")).to(device) for _ in weights])),
+            "ttq_ms_per_step": ms(through([TTQQuantizer(w, hyperparams("ttq")["t"]).to(device) for w in weights])),
             "admm_prox_ms_per_step": ms(prox),
             "admm_penalty_ms_per_step": ms(penalty),
             "admm_update_ms": update_ms, "admm_interval": admm_interval,
@@ -407,7 +396,7 @@ def ratios(results: dict, batch_size: int, per_round: list[dict] | None = None) 
 
 
 def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool = False, batch_sizes=(64, 128),
-        train_batch_size: int = 128, modes=tuple(METHODS), seed: int = 0, device="cpu", rounds: int | None = None,
+        train_batch_size: int = 128, modes=MODES, seed: int, device="cpu", rounds: int | None = None,
         bf16: bool = False, log=print) -> dict:
     """Every measurement above, in order; returns the JSON-ready results.
 
@@ -441,11 +430,11 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
             # an epoch's worth of steps in one pass, as the real epoch runs, so that the short stalls of a shared
             # machine weigh on both alike (the median of five 50-step passes skipped them: floor / FP 1.12)
             steps = 3 if quick else steps_per_epoch(len(data.train_y), bs)
-            this["floor"][str(bs)] = floor(data, bs, steps, repeats=2 if quick else 1, device=device)
+            this["floor"][str(bs)] = floor(data, bs, steps, 2 if quick else 1, device, "fp32")
             keep_fastest(results["floor"], str(bs), this["floor"][str(bs)])
         for mode in ["fp", *(m for m in modes if m != "fp")]:
             log(f"[round {round_}/{rounds}] real epoch, {mode} ({len(data.train_y)} images)")
-            this["real_epoch"][mode], exports[mode] = real_epoch(mode, data, train_batch_size, seed, device)
+            this["real_epoch"][mode], exports[mode] = real_epoch(mode, data, train_batch_size, seed, device, "fp32")
             keep_fastest(results["real_epoch"], mode, this["real_epoch"][mode])
             if mode == "fp":
                 log(f"[round {round_}/{rounds}] naive torchvision epoch")
@@ -487,7 +476,7 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
 
 def format_report(results: dict) -> str:
     """Throughputs per section, then the ratios against their bars, as fixed-width text."""
-    from quant.cli import format_table
+    from quant.results import format_table
 
     rows = [{"what": f"floor fwd+bwd+Adam, batch {bs}", "img_s": r["images_per_s"], "ms": r["ms_per_step"]}
             for bs, r in results["floor"].items()]

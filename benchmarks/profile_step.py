@@ -16,16 +16,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from benchmarks import benchmarking  # noqa: E402
-from quant.cli import ArgumentParser, format_table, positive_int, run_main, seed_everything  # noqa: E402
+from quant.cli import ArgumentParser, add_config_flags, positive_int, run_main, seed_everything  # noqa: E402
+from quant.config import KEYS  # noqa: E402
 from quant.files import atomic_write_json  # noqa: E402
+from quant.results import format_table  # noqa: E402
+
+FP_BATCH = KEYS["batch_size"].default["fp"]
 
 
 def parse_args():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=128, help="batch size (default: 128)")
+    parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=FP_BATCH,
+                        help=f"batch size (default: {FP_BATCH}, FP's training batch)")
     parser.add_argument("--steps", type=positive_int, default=20, help="profiled steps (default: 20)")
     parser.add_argument("--top", type=positive_int, default=15, help="operators listed (default: 15)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the batch (default: 0)")
+    add_config_flags(parser, "seed")
     parser.add_argument("--out", default="results/profile_step.json", help="JSON output (default: results/profile_step.json)")
     return parser.parse_args()
 

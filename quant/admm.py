@@ -20,8 +20,8 @@ W trains on f by Adam (no straight-through estimator). The quadratic term is app
       per optimizer step: W moves rho / (1 + rho) of the way to G - U each step.
   penalty="loss": the textbook form, (rho/2)||W - G + U||^2 added to the loss and differentiated by Adam.
 
-The schedule is set by the number of rounds, not by a step interval: the rounds are spread evenly over the
-ADMM phase (`round_interval`), so rho ends at rho_0 * growth^rounds whatever the budget. A fixed step interval
+The schedule (`schedule`) is set by the number of rounds, not by a step interval: the rounds are spread evenly
+over the ADMM phase (`round_interval`), so rho ends at rho_0 * growth^rounds whatever the budget. A fixed step interval
 made rho's final value depend on the run length (x9 in a 1-epoch tuning trial, x4,400 in the 3-epoch run),
 and a search on short trials then picked a rho_0 that pinned the codes far too early in the full run.
 
@@ -67,10 +67,22 @@ def admm_phase_steps(total_steps: int, finetune_frac: float) -> int:
 
 
 def round_interval(phase_steps: int, rounds: int) -> int:
-    """Optimizer steps between ADMM rounds: floor(phase_steps / rounds), at least 1. Rounds happen at steps
-    interval, 2 * interval, ..., rounds * interval of the phase (46 rounds over the default run's 2,322-step
-    phase: every 50 steps). A phase shorter than `rounds` steps gets one round per step, so fewer rounds."""
-    return max(1, phase_steps // rounds)
+    """Optimizer steps between ADMM rounds: floor((phase_steps - 1) / rounds), at least 1. Rounds happen at steps
+    interval, 2 * interval, ..., rounds * interval, all before the phase's last step, so every round's G - U
+    pulls W for at least one step before the hard projection (a round at the projection step itself would be
+    lost to it). 46 rounds over the default run's 2,322-step phase: every 50 steps. A phase of at most
+    `rounds` steps gets one round per step, so fewer rounds."""
+    return max(1, (phase_steps - 1) // rounds)
+
+
+def schedule(step: int, total_steps: int, rounds: int, finetune_frac: float) -> str | None:
+    """What ADMM does after optimizer step `step` (1-based) of `total_steps`: "freeze" (hard projection, the
+    frozen-code fine-tune starts), "round" (G, U and rho update) or None (the prox step only)."""
+    phase = admm_phase_steps(total_steps, finetune_frac)
+    if step == phase and phase < total_steps:
+        return "freeze"
+    interval = round_interval(phase, rounds)
+    return "round" if step % interval == 0 and step // interval <= rounds else None
 
 
 class PenaltyFunction(torch.autograd.Function):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import QuantError
 from .files import atomic_write_bytes, atomic_write_text
 
 KIND = "ternary-lenet5-checkpoint"
@@ -22,7 +23,7 @@ FORMAT_VERSION = 1
 REQUIRED = ("mode", "config", "history", "metrics", "seed", "state_dict", "export")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QuantError, ValueError):
     """A checkpoint is missing, unreadable, foreign, from another version or another mode."""
 
 

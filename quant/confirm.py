@@ -20,10 +20,11 @@ import json
 import statistics
 from pathlib import Path
 
+from .config import KEYS, default_config
 from .data import load_mnist
 from .engine import resolve_precision
+from .errors import QuantError
 from .files import atomic_write_json
-from .runs import default_config
 from .tuning import TRAIN_KEYS, is_default, read_trials, run_trial
 
 SUMMARY = "confirm_summary.json"
@@ -55,7 +56,7 @@ def read_runs(out_dir, mode: str) -> list[dict]:
         doc = json.loads(path.read_text())
         return list(doc["runs"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path}: not a confirmation file; move it aside to start afresh") from None
+        raise QuantError(f"{path}: not a confirmation file; move it aside to start afresh") from None
 
 
 def _same(run: dict, config: dict, seed: int, precision: str, epochs: int) -> bool:
@@ -81,19 +82,20 @@ def choose(runs: list[dict], mode: str, precision: str, epochs: int, seeds: list
     base = dict(default["accs"])
     for c in complete:
         accs = [c["accs"][s] for s in seeds]
-        diffs = [c["accs"][s] - base[s] for s in seeds]
+        # rounded: accuracies count whole images, so a tie with the standard error must not turn on float noise
+        diffs = [round(c["accs"][s] - base[s], 9) for s in seeds]
         c.update(defaults=c is default, val_accs=accs, mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                  diff_vs_defaults=statistics.fmean(diffs),
                  diff_se=statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0)
         del c["accs"]
     best = max(complete, key=lambda c: c["mean"])
-    adopt = best is not default and best["diff_vs_defaults"] > best["diff_se"]
+    adopt = best is not default and round(best["diff_vs_defaults"] - best["diff_se"], 9) > 0
     return {"config": (best if adopt else default)["config"], "choice": "best" if adopt else "defaults",
             "precision": precision, "epochs": epochs, "seeds": seeds, "candidates": complete}
 
 
-def confirm(modes: list[str], k: int, *, seeds=(0, 1, 2), epochs: int = 3, val_size: int = 5000, precision="fp32",
-            data_dir="data", skip_checksum: bool = False, tuning_dir="results/tuning", device="cpu", log=print) -> dict:
+def confirm(modes: list[str], k: int, *, seeds=(0, 1, 2), epochs: int = KEYS["epochs"].default,
+            val_size: int = KEYS["val_size"].default, precision=KEYS["precision"].default, data_dir="data", skip_checksum: bool = False, tuning_dir="results/tuning", device="cpu", log=print) -> dict:
     """Train every missing (candidate, seed) run of `modes` at the full budget; return the summary entries."""
     precision = resolve_precision(precision, device)
     seeds = list(seeds)

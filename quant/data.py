@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import QuantError
+
 MEAN, STD = 0.1307, 0.3081
 
 # name -> (IDX magic, dims after N, expected N, SHA-256 of the decoded file)
@@ -28,7 +30,7 @@ FILES = {
 HINT = "pass --data-dir pointing at a folder with the four MNIST IDX files (e.g. --data-dir ../shared/mnist)"
 
 
-class DataError(ValueError):
+class DataError(QuantError, ValueError):
     """MNIST is missing, corrupt, or could not be downloaded."""
 
 
@@ -107,9 +109,10 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
-def load_mnist(data_dir="data", val_size: int = 5000, split_seed: int = 0, train_subset: int | None = None,
+def load_mnist(data_dir="data", val_size: int = 0, split_seed: int = 0, train_subset: int | None = None,
                verify_checksum: bool = True, allow_download: bool = True, test_only: bool = False) -> MNIST:
-    """Load the four IDX files from `data_dir` (downloading if absent), verify them, split off validation.
+    """Load the four IDX files from `data_dir` (downloading if absent), verify them, split off `val_size` random
+    training images for validation (seeded by `split_seed`; none unless asked).
 
     `train_subset` keeps the first N training images after the split (a short run for tuning or tests);
     `test_only` skips decoding the training files (evaluation needs only the test set).
@@ -165,13 +168,6 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.
         else:
             idx = order[start:stop]
             yield x[idx], y[idx]
-
-
-def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
-    """Write a uint8 array as an IDX file (used by tests to build synthetic MNIST-shaped data)."""
-    magic = 0x803 if array.ndim == 3 else 0x801
-    data = struct.pack(f">i{array.ndim}i", magic, *array.shape) + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-    Path(path).write_bytes(gzip.compress(data, compresslevel=1) if gz else data)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

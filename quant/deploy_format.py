@@ -28,8 +28,8 @@ Reading trusts nothing: `unpack` bounds the file size, checks the magic and then
 any other field, then the version; it inflates at most MAX_MANIFEST_BYTES of manifest, rejects NaN and
 infinities, checks every key and type, bounds every dimension and product in Python integers before any
 allocation, and follows the network's shapes op by op down to [N, 10] logits. Any failure raises
-DeployFormatError (a ValueError) with a one-line message. The loader (`unpack`, `load_inference`) uses only
-this file, quant/packing.py, torch and numpy: it imports no model code.
+DeployFormatError (a QuantError) with a one-line message. The loader (`unpack`, `load_inference`) uses only
+this file, quant/packing.py, quant/errors.py, torch and numpy: it imports no model code.
 """
 import functools
 import hashlib
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import QuantError
 from .packing import PackingError, get_codec
 
 MAGIC = b"TERNLNT\0"
@@ -85,7 +86,7 @@ _OP_TENSORS = {"conv2d": ("weight", "bias"), "linear": ("weight", "bias"),
 _OP_SCALARS = {"batch_norm": ("eps",), "max_pool2d": ("kernel_size",)}
 
 
-class DeployFormatError(ValueError):
+class DeployFormatError(QuantError, ValueError):
     """A deployment file (or an export about to become one) is malformed, corrupt or unsupported.
 
     The message is one line whatever the file holds: runs of whitespace (newlines in a crafted name) collapse.

@@ -13,13 +13,15 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import MEAN, STD
 from .deploy_format import INPUT_SHAPE, code_patches, deployed_layers, load_inference, pack, unpack
+from .errors import QuantError
 from .export import rebuild_model
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .packing import ENCODINGS, code_mix, entropy_bits, get_codec
 
 
-class PackError(RuntimeError):
+class PackError(QuantError, RuntimeError):
     """A packed file's (or the ONNX model's) test predictions differ from its checkpoint's."""
+    exit_code = 1
 
 
 def predict(net, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
@@ -35,7 +37,7 @@ def pixels_of(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels of MNIST images normalised by quant/data.py, recovered exactly (checked) for the ONNX input."""
     pixels = torch.round((x.double() * STD + MEAN) * 255).clamp(0, 255).to(torch.uint8)
     if not torch.equal(pixels.float().div_(255).sub_(MEAN).div_(STD), x):
-        raise ValueError("test images are not normalised MNIST pixels; cannot recover the raw input for ONNX")
+        raise QuantError("test images are not normalised MNIST pixels; cannot recover the raw input for ONNX")
     return pixels
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import MNIST, batches, random_shift
+from .errors import QuantError
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -22,11 +23,13 @@ PRECISIONS = ("fp32", "bf16", "auto")
 SYNC_EVERY = 20
 
 
-class DivergenceError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class DivergenceError(QuantError, RuntimeError):
+    """The training loss became NaN or infinite (or, caught by quant/runs.py, absurdly large)."""
+
+    exit_code = 3
 
 
-def make_optimizer(groups: list[dict], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+def make_optimizer(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Adam:
     """Adam over `groups`. foreach=True updates all parameters with a few multi-tensor kernels: bitwise the
     same result as the per-parameter loop PyTorch picks by default on CPU, and ~20 % less optimizer time."""
     return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, foreach=True)
@@ -122,9 +125,9 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) ->
     return {"loss": loss_sum / n, "acc": 100.0 * (preds == y).sum().item() / n, "preds": preds}
 
 
-def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int, schedule: str = "onecycle",
-          weight_decay: float = 0.0, shift: int = 0, seed: int = 0, device="cpu", precision: str = "fp32",
-          progress: bool = True, log=print, on_epoch=None) -> list[dict]:
+def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int, schedule: str, weight_decay: float,
+          shift: int, seed: int, precision: str, device="cpu", progress: bool = True, log=print,
+          on_epoch=None) -> list[dict]:
     """Train `model` in place with `method`'s hooks; return the per-epoch history.
 
     `shift` > 0 translates each training image by up to that many pixels (augmentation; 0 = off).

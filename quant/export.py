@@ -16,11 +16,12 @@ three values per scale group. eval, packing, tuning and plots all consume exactl
 """
 import torch
 
+from .errors import QuantError
 from .model import LeNet5, QUANT_LAYERS
 from .packing import code_counts
 
 
-class NotTernaryError(ValueError):
+class NotTernaryError(QuantError, ValueError):
     """A layer claimed ternary holds values other than {-w_n, 0, +w_p} in some scale group."""
 
 

@@ -2,7 +2,7 @@
 
     32-C5 -> BN -> ReLU -> MP2 -> 64-C5 -> BN -> ReLU -> MP2 -> FC 1024->512 -> ReLU -> FC 512->10
 
-Two exact speed-ups (README "Speed"): ReLU runs after the max-pool (relu(maxpool(z)) ==
+Two exact speed-ups (benchmarks/README.md): ReLU runs after the max-pool (relu(maxpool(z)) ==
 maxpool(relu(z)) because both are monotone, on 4x fewer values), and the conv weights are kept channels_last
 (NHWC), which the CPU's oneDNN convolutions and BN prefer (the arithmetic is the same up to summation order).
 
@@ -67,10 +67,3 @@ class LeNet5(nn.Module):
     def quant_layers(self):
         """(name, layer) for the four quantizable weight layers, in forward order."""
         return [(name, getattr(self, name)) for name in QUANT_LAYERS]
-
-
-def count_parameters(model: nn.Module) -> dict:
-    """Total trainable parameters of the deployed network and weights in its quantizable layers."""
-    quantizable = sum(layer.weight.numel() for _, layer in model.quant_layers())
-    total = sum(p.numel() for name, p in model.named_parameters() if ".quantizer." not in name)
-    return {"total_params": total, "quantizable_weights": quantizable}

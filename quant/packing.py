@@ -24,6 +24,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .errors import QuantError
+
 _POW4 = np.array([1, 4, 16, 64], dtype=np.uint16)
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint16)
 _2BIT_FIELD_OF_CODE = np.array([0b10, 0b00, 0b01], dtype=np.uint16)  # indexed by code + 1
@@ -34,7 +36,7 @@ _2BIT_CODES = ((_2BIT_FIELDS & 1) - (_2BIT_FIELDS >> 1)).astype(np.int8)  # 0b11
 _BASE3_DIGITS = ((np.arange(243)[:, None] // _POW3[None, :]) % 3).astype(np.int8)
 
 
-class PackingError(ValueError):
+class PackingError(QuantError, ValueError):
     """Codes outside {-1, 0, +1}, or packed bytes that are not a valid encoding of the given shape."""
 
 

@@ -1,4 +1,5 @@
-"""results/results.csv: one row per evaluation, appended under a file lock, rewritten atomically.
+"""results/results.csv: one row per evaluation, appended under a file lock, rewritten atomically; and the
+fixed-width text tables the scripts print.
 
 Appending reads every existing row, adds the new one and writes the whole table to a temp file that
 replaces the old one, all while holding `results.csv.lock`. So two concurrent evals never lose or
@@ -9,6 +10,7 @@ import csv
 import io
 from pathlib import Path
 
+from .errors import QuantError
 from .files import atomic_write_text, locked
 
 COLUMNS = [
@@ -18,7 +20,7 @@ COLUMNS = [
 ]
 
 
-class ResultsError(ValueError):
+class ResultsError(QuantError, ValueError):
     """results.csv exists but cannot be parsed as a table; it is left untouched."""
 
 
@@ -50,3 +52,14 @@ def append_result(path, row: dict) -> None:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(path, buffer.getvalue())
+
+
+def format_table(rows: list[dict], columns: list[tuple]) -> str:
+    """Fixed-width text table; columns are (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([format(row[k], spec) if isinstance(row[k], (int, float)) else str(row[k]) for k, _, spec in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
+from .config import KEYS, default_config
 from .data import MNIST, load_mnist, split_indices
 from .deployment import PackError, pack_and_verify  # noqa: F401 (PackError: reproduce.py catches it here)
 from .files import atomic_write_bytes, atomic_write_json
 from .methods import METHODS
 from .packing import code_mix
 from .results import read_results
-from .runs import default_config, evaluate_checkpoint, train_checkpoint
+from .runs import evaluate_checkpoint, train_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HIST_BINS = 100
@@ -47,9 +48,9 @@ class Plan:
     """What one study run trains and where it writes (defaults: the full study of report.md)."""
     modes: list = field(default_factory=lambda: list(METHODS))
     seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    epochs: int = 3
+    epochs: int = KEYS["epochs"].default
     train_subset: int | None = None
-    val_size: int = 5000
+    val_size: int = KEYS["val_size"].default
     tag: str = "study"
     results_dir: Path = Path("results")
     checkpoint_dir: Path = Path("checkpoints")
@@ -57,7 +58,7 @@ class Plan:
     data_dir: Path = Path("data")
     verify_checksum: bool = True
     device: str = "cpu"
-    precision: str = "fp32"  # "bf16": forward under autocast (quant.engine); "auto": bf16 where the device has it
+    precision: str = KEYS["precision"].default  # "bf16": forward under autocast (quant.engine); "auto": bf16 where native
     reuse: bool = False  # skip training where a checkpoint with the identical config already exists
     progress: bool = True
 

@@ -67,7 +67,7 @@ def least_squares_scale(w: torch.Tensor, t: float) -> torch.Tensor:
 class TTQQuantizer(nn.Module):
     """Holds one layer's trainable positive scalars w_p, w_n (Sec. 3); passes W through until active."""
 
-    def __init__(self, w: torch.Tensor, t: float = 0.05, active: bool = True):
+    def __init__(self, w: torch.Tensor, t: float, active: bool = True):
         super().__init__()
         self.t = t
         init = least_squares_scale(w, t).reshape(1)

@@ -19,7 +19,6 @@ import json
 import math
 import time
 import warnings
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,17 +27,16 @@ import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
-from .admm import PENALTIES
+from .config import KEYS, default_config, tunable_keys, validate
+from .config import MODES as METHODS
 from .data import load_mnist
-from .engine import SCHEDULES, DivergenceError, evaluate, resolve_precision, train
-from .export import rebuild_model
+from .engine import DivergenceError
+from .errors import ConfigError, QuantError
 from .files import atomic_write_json
-from .methods import HYPERPARAMS, METHODS, get_method
-from .model import LeNet5
-from .runs import default_config
+from .runs import train_run
 
 SUMMARY, DATABASE = "tuning_summary.json", "studies.db"
-TRAIN_KEYS = ("lr", "batch_size", "schedule", "weight_decay", "shift")
+TRAIN_KEYS = tuple(tunable_keys("fp"))  # the tunable training knobs of every mode
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT, GRACE = 2, 10  # seconds between a running trial's heartbeats; silence after which its worker is dead
 
@@ -55,42 +53,6 @@ GRIDS = {
     "admm": {"lr": [3e-3, 1e-2], "batch_size": [64, 128], "rho": [1e-5, 1e-4, 1e-3], "admm_rounds": [23, 46]},
 }
 
-_positive, _unit_open = (lambda v: v > 0, "> 0"), (lambda v: 0 < v < 1, "in (0, 1)")
-_fraction = (lambda v: 0 <= v < 1, "in [0, 1)")
-# Every tunable key: (type, test, what the test requires), or (type, choices). batch_size >= 2: BatchNorm
-# cannot train on a batch of one. A float key whose test refuses 0 is searched on a log scale by TPE.
-RULES = {"lr": (float, *_positive), "batch_size": (int, lambda v: v >= 2, ">= 2"), "schedule": (str, SCHEDULES),
-         "weight_decay": (float, lambda v: v >= 0, ">= 0"), "shift": (int, lambda v: v >= 0, ">= 0"),
-         "delta_factor": (float, *_unit_open), "per_channel": (bool, (False, True)), "t": (float, *_unit_open),
-         "scale_lr": (float, *_positive), "warmup_frac": (float, *_fraction), "rho": (float, *_positive),
-         "rho_growth": (float, *_positive), "admm_rounds": (int, lambda v: v >= 1, ">= 1"),
-         "finetune_frac": (float, *_fraction), "penalty": (str, PENALTIES)}
-
-
-def normalise(key: str, value):
-    """One grid value (a string from --set, or a JSON value) as the type `key` takes; ValueError if invalid."""
-    kind, test, *what = RULES.get(key, (float, math.isfinite, "finite"))
-    if kind in (str, bool):
-        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        found = words.get(str(value).lower()) if kind is bool else value if value in test else None
-        if found is None:
-            raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, test))}")
-        return found
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-        if kind is int and number != int(number):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{key}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{key}: must be finite, got {value!r}")
-    if not test(kind(number)):
-        raise ValueError(f"{key}: must be {what[0]}, got {value!r}")
-    return kind(number)
-
-
 def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
     """{mode: grid}: each mode's default grid with `overrides` replacing the keys they name, every value checked.
 
@@ -98,25 +60,25 @@ def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
     """
     overrides = dict(overrides or {})
     per_mode = {m: overrides.pop(m) for m in list(overrides) if m in METHODS}
-    valid = {m: [*TRAIN_KEYS, *HYPERPARAMS[m]] for m in modes}
+    valid = {m: tunable_keys(m) for m in modes}
     known = list(dict.fromkeys(k for m in modes for k in valid[m]))
     for mode, grid in per_mode.items():
         if mode not in modes or not isinstance(grid, dict):
-            raise ValueError(f"the grid names mode {mode}, which is not being tuned (--mode {' / '.join(modes)})"
+            raise ConfigError(f"the grid names mode {mode}, which is not being tuned (--mode {' / '.join(modes)})"
                              if mode not in modes else f"the grid of {mode} must be a JSON object {{key: [values]}}")
     for key in overrides.keys() - set(known):
         which = f"mode {modes[0]} has no" if len(modes) == 1 else f"none of the modes {', '.join(modes)} has a"
-        raise ValueError(f"{which} tunable key {key!r} (valid keys: {', '.join(known)})")
+        raise ConfigError(f"{which} tunable key {key!r} (valid keys: {', '.join(known)})")
     grids = {m: {**GRIDS[m], **{k: v for k, v in overrides.items() if k in valid[m]}, **per_mode.get(m, {})}
              for m in modes}
     for mode, grid in grids.items():
         for key, values in grid.items():
             if key not in valid[mode]:
-                raise ValueError(f"mode {mode} has no tunable key {key!r} (valid keys: {', '.join(valid[mode])})")
+                raise ConfigError(f"mode {mode} has no tunable key {key!r} (valid keys: {', '.join(valid[mode])})")
             values = values if isinstance(values, list) else [values]
             if not values:
-                raise ValueError(f"{key}: empty list of values")
-            grid[key] = list(dict.fromkeys(normalise(key, v) for v in values))  # no duplicates, same order
+                raise ConfigError(f"{key}: empty list of values")
+            grid[key] = list(dict.fromkeys(validate(mode, key, v) for v in values))  # no duplicates, same order
     return grids
 
 
@@ -143,19 +105,10 @@ def run_trial(config: dict, data, device="cpu", on_epoch=None) -> dict:
 
     The engine never gets the test split, nor the validation split unless `on_epoch` (the pruner) wants
     each epoch's validation score."""
-    torch.manual_seed(config["seed"])
-    model = LeNet5().to(device)  # before attach: ADMM's G and U are created on the weights' device
-    method = get_method(config["mode"], keep_fp=config["keep_fp"], **config["hyperparams"])
-    method.attach(model)
-    none_x, none_y = data.val_x[:0], data.val_y[:0]
-    seen = replace(data, test_x=none_x, test_y=none_y, **({} if on_epoch else {"val_x": none_x, "val_y": none_y}))
     record, start = {"config": config, "seed": config["seed"]}, time.perf_counter()
     try:
-        train(model, method, seen, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
-              schedule=config["schedule"], weight_decay=config["weight_decay"], shift=config["shift"],
-              seed=config["seed"], device=device, precision=resolve_precision(config.get("precision", "fp32"), device),
-              progress=False, log=lambda _: None, on_epoch=on_epoch)
-        val = evaluate(rebuild_model(method.export(model.cpu())), data.val_x, data.val_y)
+        val = train_run(config, data, device, log=lambda _: None, epoch_validation=on_epoch is not None,
+                        on_epoch=on_epoch)["val"]
         record.update(val_acc=val["acc"], val_loss=val["loss"] if math.isfinite(val["loss"]) else None)  # JSON: no inf
     except DivergenceError as e:  # a diverging lr is a result of the search, not a crash
         record.update(val_acc=None, val_loss=None, error=str(e))
@@ -169,9 +122,9 @@ def _read_json(path: Path, empty: dict) -> dict:
     try:
         doc = json.loads(path.read_text()) if path.exists() else empty
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); move it aside and rerun to rewrite it") from None
+        raise QuantError(f"{path}: not valid JSON ({e}); move it aside and rerun to rewrite it") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("trials", []), list):
-        raise ValueError(f"{path}: not a tuning file; move it aside and rerun to rewrite it")
+        raise QuantError(f"{path}: not a tuning file; move it aside and rerun to rewrite it")
     return doc
 
 
@@ -240,9 +193,10 @@ def open_study(url: str, mode: str, budget: dict, sampler=None, pruner=None) -> 
             break
         except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:  # a bad URL, no driver, no server...
             if not isinstance(e, sqlalchemy.exc.DBAPIError) or attempt == 9:  # ...or workers creating the tables
-                raise ValueError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
+                raise QuantError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
             time.sleep(0.5)
-    name = f"{mode}-{budget['epochs']}ep-{budget['train_subset'] or 'all'}img-{budget['val_size']}val-seed{budget['seed']}"
+    name = (f"{mode}-{budget['epochs']}ep-{budget['train_subset'] or 'all'}img-{budget['val_size']}val-seed{budget['seed']}"
+            f"-{budget['precision']}")
     return optuna.create_study(storage=storage, study_name=f"{name}-{budget['data_checksum'][:12]}", sampler=sampler,
                                pruner=pruner, direction="maximize", load_if_exists=True)
 
@@ -270,17 +224,18 @@ def write_outputs(study: optuna.Study, mode: str, budget: dict, out_dir, order: 
 
 
 def _suggest(trial, key: str, values: list):
-    """The value of `key` for this trial: the sampler's pick from the grid's values (TPE: from their range)."""
-    kind, test = RULES.get(key, (float, math.isfinite))[:2]
-    if kind in (str, bool):
-        return trial.suggest_categorical(key, test)  # every choice, so the study's space never changes
-    if kind is int:
+    """The value of `key` for this trial: the sampler's pick from the grid's values (TPE: from their range; a
+    float key whose range excludes 0 on a log scale)."""
+    spec = KEYS[key]
+    if spec.type in (str, bool) or isinstance(spec.type, tuple):
+        return trial.suggest_categorical(key, (False, True) if spec.type is bool else spec.type)  # every choice
+    if spec.type is int:
         return trial.suggest_int(key, min(values), max(values))
-    return trial.suggest_float(key, min(values), max(values), log=not test(0.0))
+    return trial.suggest_float(key, min(values), max(values), log=spec.range.startswith(("(0", "> 0")))
 
 
-def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, val_size: int = 5000, seed: int = 0,
-           data_dir="data", skip_checksum: bool = False, out_dir="results/tuning", storage=None, sampler: str = "grid",
+def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, val_size: int = KEYS["val_size"].default,
+           seed: int = KEYS["seed"].default, precision: str = KEYS["precision"].default, data_dir="data", skip_checksum: bool = False, out_dir="results/tuning", storage=None, sampler: str = "grid",
            trials: int | None = None, prune: bool = False, device="cpu", log=print) -> list[dict]:
     """Run each mode's study until every grid config (or, with TPE, `trials` trials) has finished, here or in other
     processes on the same storage; write the outputs; return the records of the trials this process ran.
@@ -289,11 +244,11 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
     epoch is below the median of the earlier trials' at that epoch (Optuna's MedianPruner).
     """
     if val_size < 1 or (sampler == "tpe") != (trials is not None):
-        raise ValueError("tuning needs --val-size >= 1" if val_size < 1 else
+        raise ConfigError("tuning needs --val-size >= 1" if val_size < 1 else
                          "--trials N goes with --sampler tpe, and --sampler tpe needs it")
     data = load_mnist(data_dir, val_size=val_size, split_seed=seed, train_subset=train_subset,
                       verify_checksum=not skip_checksum)
-    budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed,
+    budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed, "precision": precision,
               "data_checksum": data.checksum}
     url = storage or f"sqlite:///{Path(out_dir) / DATABASE}"
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -358,21 +313,21 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
     return ran
 
 
-def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int = 0, skip_checksum: bool = False,
-                 out_dir="results/tuning", log=print, **search_kwargs) -> dict:
+def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int = KEYS["seed"].default,
+                 skip_checksum: bool = False, out_dir="results/tuning", log=print, **search_kwargs) -> dict:
     """The best recorded config for `mode` (lr, batch_size, schedule, weight_decay, shift, hyperparams).
 
     With `run_search`, first run the default (short) search for `mode`, with `search_kwargs` (epochs,
     train_subset, val_size) overriding its budget; finished trials are reused.
     """
     if mode not in METHODS:
-        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
+        raise ConfigError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
     if run_search:
         search(build_grids([mode]), data_dir=data_dir, seed=seed, skip_checksum=skip_checksum, out_dir=out_dir,
                log=log, **search_kwargs)
     summary = read_summary(out_dir)
     if mode not in summary:
-        raise ValueError(f"no tuned config for {mode} in {Path(out_dir) / SUMMARY}; "
+        raise ConfigError(f"no tuned config for {mode} in {Path(out_dir) / SUMMARY}; "
                          f"run python tune_hyperparams.py --mode {mode} first")
     entry = summary[mode]
     return {**{k: entry["config"][k] for k in TRAIN_KEYS}, "hyperparams": dict(entry["config"]["hyperparams"])}

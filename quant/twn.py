@@ -5,7 +5,7 @@
     alpha = mean of |W_i| over I_delta = {i : |W_i| > delta}             (Eq. 5)
     forward uses alpha * T; backward passes dL/d(alpha T) straight to the latent W (Sec. 2.4, Alg. 1).
 
-delta_factor defaults to 0.7, the constant of the authors' original Caffe code (TERNARY_DELTA = 7 / 10)
+The project's default delta_factor is the constant of the authors' original Caffe code (TERNARY_DELTA = 7 / 10)
 and of most reimplementations; v3 of the paper writes 0.75 (the Gaussian optimum). Both are options.
 Per layer by default (the v1 Caffe code); `per_channel=True` computes delta and alpha per output filter
 (v3, Algorithm 1). delta and alpha are recomputed every forward pass and carry no gradient.
@@ -18,7 +18,7 @@ def _reduce_dims(w: torch.Tensor, per_channel: bool):
     return tuple(range(1, w.ndim)) if per_channel else tuple(range(w.ndim))
 
 
-def twn_ternarize(w: torch.Tensor, delta_factor: float = 0.7, per_channel: bool = False):
+def twn_ternarize(w: torch.Tensor, delta_factor: float, per_channel: bool):
     """Return (codes int8, alpha [g], delta [g]) for weight `w` by Eqs. 3, 5, 6 (g = 1 or out channels).
 
     A group with no |W| > delta (all-zero weights) gets alpha = 0 instead of 0/0.
@@ -33,7 +33,7 @@ def twn_ternarize(w: torch.Tensor, delta_factor: float = 0.7, per_channel: bool 
     return codes, alpha.reshape(-1), delta.reshape(-1)
 
 
-def twn_weight(w: torch.Tensor, delta_factor: float = 0.7, per_channel: bool = False) -> torch.Tensor:
+def twn_weight(w: torch.Tensor, delta_factor: float, per_channel: bool) -> torch.Tensor:
     """alpha * T(W) as a float tensor: the values of `twn_ternarize`'s codes * alpha, computed for training speed.
 
     The mask is written as 1.0 / 0.0 floats (`torch.gt(..., out=float)`): on CPU a bool mask, its conversion
@@ -62,7 +62,7 @@ class TernarizeSTE(torch.autograd.Function):
 class TWNQuantizer(nn.Module):
     """Stateless TWN weight quantizer attached to a QuantConv2d/QuantLinear."""
 
-    def __init__(self, delta_factor: float = 0.7, per_channel: bool = False):
+    def __init__(self, delta_factor: float, per_channel: bool):
         super().__init__()
         self.delta_factor, self.per_channel = delta_factor, per_channel
 

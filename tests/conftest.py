@@ -22,7 +22,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from quant.checkpoint import FORMAT_VERSION, KIND  # noqa: E402
-from quant.data import write_idx  # noqa: E402
 from quant.methods import get_method  # noqa: E402
 from quant.model import LeNet5  # noqa: E402
 
@@ -48,6 +47,16 @@ def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         r, c = divmod(int(k), 4)
         images[i, 2 + 8 * r:8 + 8 * r, 2 + 6 * c:8 + 6 * c] = 255
     return images, labels.astype(np.uint8)
+
+
+def write_idx(path, array: np.ndarray, gz: bool = False) -> None:
+    """Write a uint8 array as an IDX file (magic, big-endian dims, then the bytes), raw or gzip-compressed."""
+    import gzip
+    import struct
+
+    magic = 0x803 if array.ndim == 3 else 0x801
+    data = struct.pack(f">i{array.ndim}i", magic, *array.shape) + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(gzip.compress(data, compresslevel=1) if gz else data)
 
 
 def make_mnist_folder(folder, gz: bool = False, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0) -> Path:
@@ -195,6 +204,29 @@ def files_in(folder) -> dict:
 
 
 # ---------------------------------------------------------------- checkpoints good and bad
+
+def train_steps(method, model, x, y, steps: int, lr: float, recalibration=None) -> list[float]:
+    """The engine's per-step hook sequence (quant/engine.py) on one fixed batch, for tests that look at a
+    method between steps: Adam over its groups, loss + extra_loss, after_step; then finish(recalibration)
+    if batches are given. Returns each step's total loss."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.Adam([{"params": g["params"], "lr": lr * g["lr_mult"]} for g in method.param_groups(model)])
+    model.train()
+    losses = []
+    for step in range(1, steps + 1):
+        loss = F.cross_entropy(model(x), y)
+        extra = method.extra_loss()
+        loss = loss if extra is None else loss + extra
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(model, step, steps)
+        losses.append(loss.item())
+    if recalibration is not None:
+        method.finish(model, recalibration)
+    return losses
+
 
 def make_checkpoint(mode="fp") -> dict:
     """A checkpoint dict shaped like train.py's, from an untrained model."""

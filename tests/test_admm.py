@@ -1,6 +1,7 @@
 """quant/admm.py: the exact projection against brute force over all of {−1,0,1}^n, never worse than TWN's
 rule or the paper's alternating α/2 scheme; the dual update, penalty, its gradient and the primal residual
-recomputed by hand; the final hard projection of the ADMM method (METHODS.md §3)."""
+recomputed by hand; the schedule's rounds counted; the final hard projection of the ADMM method (Leng et al.,
+arXiv 1707.09870, Sec. 3)."""
 import itertools
 
 import numpy as np
@@ -9,8 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import train_steps
 from quant import methods
-from quant.admm import ADMMState, FrozenTernary, project_ternary
+from quant.admm import ADMMState, FrozenTernary, admm_phase_steps, project_ternary, round_interval, schedule
+from quant.config import MNIST_TRAIN, default_config
+from quant.engine import steps_per_epoch
 from quant.export import check_ternary
 from quant.model import QUANT_LAYERS, LeNet5, QuantLinear
 
@@ -242,6 +246,55 @@ def test_frozen_ternary():
     assert torch.equal(entry["codes"], codes) and entry["w_p"] is f.alpha and entry["w_n"] is f.alpha
 
 
+# ---------------------------------------------------------------- the schedule: rounds, not a step interval
+def test_round_interval_spreads_the_rounds_over_the_phase():
+    assert round_interval(2322, 46) == 50  # the default run: 3 epochs x 860 steps, minus the 10 % fine-tune
+    assert round_interval(2299, 46) == 49  # 46 x 50 = 2300 steps no longer fit
+    assert round_interval(2300, 46) == 49  # the 46th round at step 2300 would fall on the projection
+    assert round_interval(10, 3) == 3
+    assert round_interval(0, 5) == 1 and round_interval(4, 10) == 1
+
+
+def test_default_admm_run_rounds_every_50_steps():
+    config = default_config("admm")
+    total = config["epochs"] * steps_per_epoch(MNIST_TRAIN - config["val_size"], config["batch_size"])
+    assert total == 2580  # 859 full batches of 64 and one of 24, three times
+    hp = config["hyperparams"]
+    assert round_interval(admm_phase_steps(total, hp["finetune_frac"]), hp["admm_rounds"]) == 50
+
+
+def count_rounds(total_steps, **hparams):
+    """Run the ADMM method's after_step over `total_steps` steps; returns (steps with a round, method)."""
+    torch.manual_seed(0)
+    model = LeNet5()
+    method = methods.get_method("admm", **hparams)
+    method.attach(model)
+    rounds = []
+    original = method.state.update
+    method.state.update = lambda: (rounds.append(step), original())
+    for step in range(1, total_steps + 1):
+        method.after_step(model, step, total_steps)
+    return rounds, method
+
+
+@pytest.mark.parametrize("total_steps", [25, 30, 97])
+def test_admm_runs_all_its_rounds_before_the_projection(total_steps):
+    # 25 steps: a 20-step phase that 5 rounds every 4 steps would fill exactly, its last round on the projection
+    rounds, method = count_rounds(total_steps, rho=1e-3, rho_growth=2.0, admm_rounds=5, finetune_frac=0.2)
+    phase = admm_phase_steps(total_steps, 0.2)
+    assert len(rounds) == 5 and rounds[-1] < phase  # all five rounds, each followed by ADMM steps
+    assert method.state.rho == pytest.approx(1e-3 * 2.0 ** 5)  # the same final rho for a short and a long run
+    assert method.finetuning
+
+
+def test_schedule_by_hand():
+    # 12 steps, fine-tune 1/4: phase of 9 steps, 2 rounds every (9 - 1) // 2 = 4 steps, projection after step 9
+    actions = [schedule(step, 12, 2, 0.25) for step in range(1, 13)]
+    assert actions == [None, None, None, "round", None, None, None, "round", "freeze", None, None, None]
+    # no fine-tune: the rounds only (finish() projects after the last step)
+    assert [schedule(step, 6, 2, 0.0) for step in range(1, 7)] == [None, "round", None, "round", None, None]
+
+
 # ---------------------------------------------------------------- the method's final projection
 @pytest.mark.parametrize("penalty", ["prox", "loss"])
 def test_finish_projects_weights_exactly_and_export_is_ternary(penalty):
@@ -249,21 +302,12 @@ def test_finish_projects_weights_exactly_and_export_is_ternary(penalty):
     model = LeNet5()
     method = methods.get_method("admm", finetune_frac=0.0, admm_rounds=2, penalty=penalty)
     method.attach(model)
-    opt = torch.optim.Adam([{"params": g["params"], "lr": 1e-2 * g["lr_mult"]} for g in method.param_groups(model)])
+    assert (method.extra_loss() is None) == (penalty == "prox")
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    for step in range(1, 3):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        if penalty == "loss":
-            loss = loss + method.extra_loss()
-        else:
-            assert method.extra_loss() is None
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_step(model, step, 2)
-        assert not method.finetuning  # finetune_frac 0: no frozen phase during training
-    hp = methods.HYPERPARAMS["admm"]
-    assert method.state.rho == pytest.approx(hp["rho"] * hp["rho_growth"] ** 2)  # an ADMM round after each of the 2 steps
+    train_steps(method, model, x, y, steps=3, lr=1e-2)
+    assert not method.finetuning  # finetune_frac 0: no frozen phase during training
+    hp = method.hparams
+    assert method.state.rho == pytest.approx(hp["rho"] * hp["rho_growth"] ** 2)  # rounds after steps 1 and 2
     latent = {n: getattr(model, n).weight.detach().clone() for n in QUANT_LAYERS}
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]
     method.finish(model, batches)

@@ -4,7 +4,7 @@ import json
 import statistics
 
 from quant import confirm
-from quant.runs import default_config
+from quant.config import default_config
 
 
 def trial(mode, acc, loss=0.1, **overrides):
@@ -39,6 +39,9 @@ def test_choice_keeps_defaults_within_one_paired_standard_error():
     steady = [99.2, 99.4, 99.3]  # +0.2 on every seed: adopted
     entry = confirm.choose(runs_for("twn", default, base) + runs_for("twn", other, steady), "twn", "fp32", 3, [0, 1, 2])
     assert entry["choice"] == "best" and entry["config"] == other
+    tie = [99.0 - 0.08, 99.2 + 0.16, 99.1 + 0.16]  # diffs -0.08, +0.16, +0.16: mean 0.08, paired SE 0.08
+    entry = confirm.choose(runs_for("twn", default, base) + runs_for("twn", other, tie), "twn", "fp32", 3, [0, 1, 2])
+    assert entry["choice"] == "defaults"
     # other precisions, or a missing seed, are not mixed in
     assert confirm.choose(runs_for("twn", default, base[:2]), "twn", "fp32", 3, [0, 1, 2]) is None
     assert confirm.choose(runs_for("twn", default, base, "bf16"), "twn", "fp32", 3, [0, 1, 2]) is None

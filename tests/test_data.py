@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import IDX_NAMES, N_TEST, N_TRAIN, synthetic_split
+from conftest import IDX_NAMES, N_TEST, N_TRAIN, synthetic_split, write_idx
 from quant import data as qdata
-from quant.data import DataError, batches, load_mnist, read_idx, split_indices, write_idx
+from quant.data import DataError, batches, load_mnist, read_idx, split_indices
 
 # Published SHA-256 of the decoded (gunzipped) MNIST files, copied from the dataset's checksum lists.
 PUBLISHED_SHA256 = {

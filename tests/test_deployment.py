@@ -15,6 +15,7 @@ from quant import deployment, packing
 from quant.checkpoint import load_checkpoint, save_checkpoint
 from quant.data import load_mnist, read_idx
 from quant.deploy_format import unpack
+from quant.errors import QuantError
 from quant.export import rebuild_model
 from test_deploy_format import make_export
 
@@ -71,7 +72,7 @@ def test_spec_decoder_reads_the_trained_files(packed, trained, mnist, synthetic_
 def test_pixels_of_recovers_the_raw_images(mnist, synthetic_mnist):
     images, _ = read_idx(synthetic_mnist / "t10k-images-idx3-ubyte", 0x803, (28, 28), None, None)
     assert torch.equal(deployment.pixels_of(mnist.test_x), torch.from_numpy(images[:, None].copy()))
-    with pytest.raises(ValueError, match="not normalised MNIST pixels"):
+    with pytest.raises(QuantError, match="not normalised MNIST pixels"):
         deployment.pixels_of(mnist.test_x + 1e-3)
 
 

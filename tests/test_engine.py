@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quant.config import default_config
 from quant.data import load_mnist
 from quant.engine import DivergenceError, evaluate, train
 from quant.methods import METHODS, get_method
 from quant.model import LeNet5
+from quant.runs import train_run
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +24,15 @@ def fresh_model(seed=0):
     return LeNet5()
 
 
-def run(mode, data, seed=0, epochs=1, lr=3e-3, **kwargs):
-    model = fresh_model(seed)
-    method = get_method(mode)
-    method.attach(model)
-    history = train(model, method, data, epochs=epochs, lr=lr, batch_size=64, seed=seed, progress=False,
-                    log=lambda line: None, **kwargs)
-    return model, method, history
+# engine.train's arguments besides epochs, lr and batch size, for the tests that call it directly
+PLAIN = {"schedule": "onecycle", "weight_decay": 0.0, "shift": 0, "seed": 0, "precision": "fp32", "progress": False}
+
+
+def run(mode, data, seed=0, epochs=1, lr=3e-3, **overrides):
+    """runs.train_run of `mode`'s default config at batch 64, no augmentation: (model, method, history)."""
+    config = default_config(mode, seed=seed, epochs=epochs, lr=lr, batch_size=64, shift=0, **overrides)
+    result = train_run(config, data, log=lambda line: None)
+    return result["model"], result["method"], result["history"]
 
 
 def test_evaluate_matches_one_shot_reference():
@@ -75,7 +79,7 @@ def test_history_has_one_row_per_epoch_and_logs_each(synthetic):
     lines = []
     model = fresh_model()
     method = get_method("fp")
-    history = train(model, method, synthetic, epochs=2, lr=3e-3, batch_size=128, progress=False, log=lines.append)
+    history = train(model, method, synthetic, epochs=2, lr=3e-3, batch_size=128, **PLAIN, log=lines.append)
     assert [row["epoch"] for row in history] == [1, 2] and len(lines) == 2
     for row in history:
         assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= row.keys()
@@ -95,7 +99,7 @@ def test_nan_loss_raises_divergence_error(synthetic):
 
     model = fresh_model()
     with pytest.raises(DivergenceError, match="step 3") as e:
-        train(model, Poisoned(), synthetic, epochs=1, lr=3e-3, batch_size=64, progress=False, log=lambda _: None)
+        train(model, Poisoned([], {}), synthetic, epochs=1, lr=3e-3, batch_size=64, **PLAIN, log=lambda _: None)
     assert "lr" in str(e.value)
 
 
@@ -141,4 +145,4 @@ def test_resolve_precision(monkeypatch):
     with pytest.raises(ValueError, match="choose from fp32, bf16, auto"):
         engine.resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="fp32 or bf16"):
-        train(LeNet5(), get_method("fp"), None, epochs=1, lr=1e-3, batch_size=8, precision="auto")
+        train(LeNet5(), get_method("fp"), None, epochs=1, lr=1e-3, batch_size=8, **{**PLAIN, "precision": "auto"})

@@ -6,14 +6,15 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from quant import export as export_mod
 from quant.export import NotTernaryError, check_ternary, layer_table, rebuild_model, size_summary
-from quant.methods import METHODS, get_method, parse_keep_fp
+from conftest import train_steps
+from quant.config import parse_keep_fp
+from quant.methods import METHODS, get_method
 from quant.model import QUANT_LAYERS, LeNet5
 
-# Counted from the architecture (METHODS.md §1.3), not from the code under test.
+# Counted from the architecture (TWN, arXiv 1605.04711, Sec. 3 and Table 1), not from the code under test.
 WEIGHTS = {"conv1": 32 * 1 * 5 * 5, "conv2": 64 * 32 * 5 * 5, "fc1": 512 * 1024, "fc2": 10 * 512}
 BIASES_AND_BN = 32 + 64 + 512 + 10 + 2 * 32 + 2 * 64  # biases + BN gamma/beta
 TOTAL_PARAMS = 582_218
@@ -27,21 +28,11 @@ CONFIGS.update({"twn-per-channel": ("twn", {"per_channel": True, "delta_factor":
 
 
 def train_briefly(method, model, steps=4, seed=0):
-    """A few Adam steps through the same hooks the engine calls, so BN statistics, TTQ's w_p/w_n and ADMM's
-    G/U move away from their initial values; then `finish`."""
+    """A few Adam steps through the engine's hooks, so BN statistics, TTQ's w_p/w_n and ADMM's G/U move away
+    from their initial values; then `finish`."""
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-    opt = torch.optim.Adam([{"params": g["params"], "lr": 2e-2 * g["lr_mult"]} for g in method.param_groups(model)])
-    model.train()
-    for step in range(1, steps + 1):
-        loss = F.cross_entropy(model(x), y)
-        extra = method.extra_loss()
-        loss = loss if extra is None else loss + extra
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_step(model, step, steps)
-    method.finish(model, [(x[:8], y[:8]), (x[8:], y[8:])])
+    train_steps(method, model, x, y, steps, lr=2e-2, recalibration=[(x[:8], y[:8]), (x[8:], y[8:])])
     model.eval()
 
 

@@ -627,7 +627,7 @@ def test_committed_report_prose_repeats_no_generated_number():
 
 def test_confirm_and_precision_tables_follow_the_confirm_summary(tmp_path):
     from quant import confirm, report
-    from quant.runs import default_config
+    from quant.config import default_config
 
     default, other = confirm.knobs(default_config("twn")), confirm.knobs(default_config("twn", lr=1e-2))
     runs = lambda config, accs, precision: [{"config": config, "seed": s, "precision": precision, "epochs": 3,

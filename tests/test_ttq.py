@@ -1,6 +1,6 @@
 """quant/ttq.py: Δ = t·max|W| and the levels {−w_n, 0, +w_p} recomputed by hand; the scaled STE (Eq. 8)
 and the sign-corrected scale gradients (Eq. 7) against hand sums, against autograd on the formula written
-with constant masks, and against finite differences (gradcheck). METHODS.md §2."""
+with constant masks, and against finite differences (gradcheck); arXiv 1612.01064, Sec. 3."""
 import pytest
 import torch
 from hypothesis import given, settings

@@ -20,7 +20,7 @@ import torch
 
 import tune_hyperparams
 from conftest import call_script, start_script, stop, wait_for_line
-from quant import tuning
+from quant import runs, tuning
 from quant.model import LeNet5
 
 VAL = 64  # of the 512 synthetic training images
@@ -324,7 +324,7 @@ def test_a_storage_that_cannot_be_opened_is_one_error_line(tmp_path, synthetic_m
 def test_scoring_uses_the_deployed_model_on_the_validation_split_never_the_test_set(tmp_path, synthetic_mnist,
                                                                                      monkeypatch, prune):
     seen = {}
-    real_load, real_train, real_evaluate = tuning.load_mnist, tuning.train, tuning.evaluate
+    real_load, real_train, real_evaluate = tuning.load_mnist, runs.train, runs.evaluate
 
     def load_with_poisoned_test_set(*args, **kwargs):
         data = real_load(*args, **kwargs)
@@ -342,8 +342,8 @@ def test_scoring_uses_the_deployed_model_on_the_validation_split_never_the_test_
         return real_evaluate(model, x, y, *args, **kwargs)
 
     monkeypatch.setattr(tuning, "load_mnist", load_with_poisoned_test_set)
-    monkeypatch.setattr(tuning, "train", spy_train)
-    monkeypatch.setattr(tuning, "evaluate", spy_evaluate)
+    monkeypatch.setattr(runs, "train", spy_train)  # a trial is runs.train_run
+    monkeypatch.setattr(runs, "evaluate", spy_evaluate)
     grid = {"ttq": {"lr": [3e-3], "batch_size": [64], "t": [0.05]}}
     [record] = search(tmp_path, synthetic_mnist, grid, epochs=2 if prune else 1, prune=prune)
 

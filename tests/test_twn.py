@@ -1,5 +1,5 @@
 """quant/twn.py: Δ and α recomputed by plain-Python loops (per layer and per output channel, factors
-0.7 and 0.75), hand-worked examples, the three-level property, and the identity STE (METHODS.md §1)."""
+0.7 and 0.75), hand-worked examples, the three-level property, and the identity STE (arXiv 1605.04711, Eqs. 3-6, Sec. 2.4)."""
 import math
 
 import numpy as np
@@ -38,11 +38,11 @@ def margin(values, delta):
 def test_hand_example_factor_07_and_075_differ():
     # sum|W| = 2.46, mean = 0.351428...; 0.7 * mean = 0.2460 keeps -0.26, 0.75 * mean = 0.26357 drops it.
     w = torch.tensor([1.0, -0.5, 0.2, -0.1, 0.0, 0.4, -0.26])
-    codes, alpha, delta = twn_ternarize(w, 0.7)
+    codes, alpha, delta = twn_ternarize(w, 0.7, False)
     assert codes.tolist() == [1, -1, 0, 0, 0, 1, -1]
     assert alpha.item() == pytest.approx((1.0 + 0.5 + 0.4 + 0.26) / 4, rel=1e-6)  # 0.54
     assert delta.item() == pytest.approx(0.7 * 2.46 / 7, rel=1e-6)
-    codes, alpha, delta = twn_ternarize(w, 0.75)
+    codes, alpha, delta = twn_ternarize(w, 0.75, False)
     assert codes.tolist() == [1, -1, 0, 0, 0, 1, 0]
     assert alpha.item() == pytest.approx((1.0 + 0.5 + 0.4) / 3, rel=1e-6)
     assert delta.item() == pytest.approx(0.75 * 2.46 / 7, rel=1e-6)
@@ -51,7 +51,7 @@ def test_hand_example_factor_07_and_075_differ():
 def test_weight_exactly_at_threshold_is_zero():
     # mean|W| = 16/4 = 4, delta = 0.75 * 4 = 3 exactly in binary; Eq. 3 sends |W| <= delta to 0.
     for w3 in (3.0, -3.0):
-        codes, alpha, delta = twn_ternarize(torch.tensor([8.0, -5.0, w3, 0.0]), 0.75)
+        codes, alpha, delta = twn_ternarize(torch.tensor([8.0, -5.0, w3, 0.0]), 0.75, False)
         assert delta.item() == 3.0
         assert codes.tolist() == [1, -1, 0, 0]
         assert alpha.item() == 6.5

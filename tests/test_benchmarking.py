@@ -1,4 +1,4 @@
-"""benchmarks/bench.py and benchmarks/benchmarking.py: a --quick run on synthetic data writes every section, and the
+"""benchmarks/benchmarking.py and benchmarks/bench.py: a --quick run on synthetic data writes every section, and the
 ratios are formed the right way round against their bars."""
 import json
 import math
