@@ -25,14 +25,9 @@ from .data import load_mnist
 from .engine import resolve_precision
 from .errors import QuantError
 from .files import atomic_write_json
-from .tuning import TRAIN_KEYS, is_default, read_trials, run_trial
+from .tuning import TRAIN_KEYS, is_default, knobs, read_trials, run_trial
 
 SUMMARY = "confirm_summary.json"
-
-
-def knobs(config: dict) -> dict:
-    """The tunable part of a config: training knobs and method hyperparameters."""
-    return {**{k: config[k] for k in TRAIN_KEYS}, "hyperparams": dict(config["hyperparams"])}
 
 
 def candidates(mode: str, trials: list[dict], k: int) -> list[dict]:

@@ -1,15 +1,13 @@
 """Hyperparameter search on the validation split, as Optuna studies: grids, the trial, and the tuned config.
 
-A trial trains LeNet-5 for a short budget (default 1 epoch on 20,000 images) on the training split minus
-the validation split, then scores the *deployed* model -- `rebuild_model(method.export(model))`, exactly
-the codes x scales that eval and packing see -- on the validation split. The test set is never read
-here: choosing hyperparameters on it would make every reported test accuracy optimistic.
+A trial trains LeNet-5 for a short budget on the training split minus the validation split, then scores the
+*deployed* model (`rebuild_model(method.export(model))`, the codes x scales that eval and packing see) on the
+validation split. The test set is never read: choosing on it would make every reported test accuracy optimistic.
 
-Each mode has one study per budget (epochs, train_subset, val_size, seed, data checksum) in an RDB storage:
-a SQLite file beside the outputs, or any URL Optuna accepts (PostgreSQL: many machines on one study). A
-rerun runs only the configs without a finished trial; a trial that died (its heartbeat stops, or it was
-interrupted) is failed and queued again; a config finished twice (concurrent workers may both take the
-last grid point) counts once. The outputs are rewritten atomically from the study after each trial:
+Each mode has one study per budget (epochs, train_subset, val_size, seed, precision, data checksum) in an RDB
+storage (a SQLite file beside the outputs, or any URL Optuna accepts). A rerun runs only the configs without a
+finished trial; a trial that died is failed and queued again; a config finished twice (concurrent workers may
+both take the last grid point) counts once. The outputs are rewritten atomically from the study after each trial:
 
     {mode}_tuning.json   {"mode": m, "trials": [{"config", "val_acc", "val_loss", "seconds", "seed", ...}]}
     tuning_summary.json  {mode: {"config", "val_acc", "val_loss", "choice", "best", "trials", "budget", ...}}
@@ -27,7 +25,7 @@ import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
 
-from .config import KEYS, default_config, tunable_keys, validate
+from .config import KEYS, checked_mode, default_config, tunable_keys, validate
 from .config import MODES as METHODS
 from .data import load_mnist
 from .engine import DivergenceError
@@ -53,11 +51,10 @@ GRIDS = {
     "admm": {"lr": [3e-3, 1e-2], "batch_size": [64, 128], "rho": [1e-5, 1e-4, 1e-3], "admm_rounds": [23, 46]},
 }
 
-def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
-    """{mode: grid}: each mode's default grid with `overrides` replacing the keys they name, every value checked.
 
-    `overrides` is flat ({key: values}, for each listed mode that has the key) or per mode ({mode: {key: values}}).
-    """
+def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
+    """{mode: grid}: the default grids with `overrides` ({key: values} for each listed mode that has the key,
+    or {mode: {key: values}}) replacing the keys they name, every value checked."""
     overrides = dict(overrides or {})
     per_mode = {m: overrides.pop(m) for m in list(overrides) if m in METHODS}
     valid = {m: tunable_keys(m) for m in modes}
@@ -101,10 +98,8 @@ def expand(mode: str, grid: dict, budget: dict) -> list[dict]:
 
 
 def run_trial(config: dict, data, device="cpu", on_epoch=None) -> dict:
-    """Train one config on `data`'s training split; score the deployed model on its validation split.
-
-    The engine never gets the test split, nor the validation split unless `on_epoch` (the pruner) wants
-    each epoch's validation score."""
+    """Train one config on `data`'s training split; score the deployed model on its validation split (which
+    the engine sees only when `on_epoch`, the pruner, wants each epoch's score)."""
     record, start = {"config": config, "seed": config["seed"]}, time.perf_counter()
     try:
         val = train_run(config, data, device, log=lambda _: None, epoch_validation=on_epoch is not None,
@@ -150,13 +145,17 @@ def is_default(config: dict) -> bool:
     return all(config[k] == default[k] for k in (*TRAIN_KEYS, "keep_fp", "hyperparams"))
 
 
+def knobs(config: dict) -> dict:
+    """The tunable part of a config: training knobs and method hyperparameters."""
+    return {**{k: config[k] for k in TRAIN_KEYS}, "hyperparams": dict(config["hyperparams"])}
+
+
 def summarize(trials: list[dict], budget: dict) -> dict | None:
     """The summary entry of the trials with `budget`; None if none scored.
 
-    `best` is the highest validation accuracy (then the lowest loss). The config chosen for --use-tuned is
-    `best` unless the mode's defaults were among the trials and score within one standard error of it: a
-    short trial's margin below that is noise, and the defaults were chosen with full-length runs on several
-    seeds (the one-standard-error rule; Hastie, Tibshirani, Friedman, Elements of Statistical Learning, 7.10).
+    `best` has the highest validation accuracy (then the lowest loss); it is chosen unless the defaults score
+    within one standard error of it, a short trial's noise (the one-standard-error rule; Hastie, Tibshirani,
+    Friedman, Elements of Statistical Learning, 7.10): the defaults came from full-length runs on several seeds.
     """
     same = [t for t in trials if all(t["config"].get(k) == v for k, v in budget.items())]
     scored = [t for t in same if t.get("val_acc") is not None]
@@ -166,15 +165,10 @@ def summarize(trials: list[dict], budget: dict) -> dict | None:
     default = next((t for t in scored if is_default(t["config"])), None)
     se = standard_error(best["val_acc"], budget["val_size"])
     keep_default = default is not None and best["val_acc"] - default["val_acc"] <= se
-    chosen = default if keep_default else best
-
-    def knobs(t):
-        return {**{k: t["config"][k] for k in TRAIN_KEYS}, "hyperparams": t["config"]["hyperparams"]}
-
-    pruned = sum("pruned" in t for t in same)
-    return {"config": knobs(chosen), "val_acc": chosen["val_acc"], "val_loss": chosen["val_loss"], "seed": chosen["seed"],
-            "choice": "defaults" if keep_default else "best",
-            "best": {"config": knobs(best), "val_acc": best["val_acc"], "val_loss": best["val_loss"]},
+    chosen, pruned = default if keep_default else best, sum("pruned" in t for t in same)
+    return {"config": knobs(chosen["config"]), "val_acc": chosen["val_acc"], "val_loss": chosen["val_loss"],
+            "seed": chosen["seed"], "choice": "defaults" if keep_default else "best",
+            "best": {"config": knobs(best["config"]), "val_acc": best["val_acc"], "val_loss": best["val_loss"]},
             "defaults_val_acc": None if default is None else default["val_acc"], "standard_error": se,
             "trials": len(same), "diverged": len(same) - len(scored) - pruned, "pruned": pruned, "budget": budget,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -195,16 +189,16 @@ def open_study(url: str, mode: str, budget: dict, sampler=None, pruner=None) -> 
             if not isinstance(e, sqlalchemy.exc.DBAPIError) or attempt == 9:  # ...or workers creating the tables
                 raise QuantError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
             time.sleep(0.5)
-    name = (f"{mode}-{budget['epochs']}ep-{budget['train_subset'] or 'all'}img-{budget['val_size']}val-seed{budget['seed']}"
-            f"-{budget['precision']}")
-    return optuna.create_study(storage=storage, study_name=f"{name}-{budget['data_checksum'][:12]}", sampler=sampler,
-                               pruner=pruner, direction="maximize", load_if_exists=True)
+    name = (f"{mode}-{budget['epochs']}ep-{budget['train_subset'] or 'all'}img-{budget['val_size']}val"
+            f"-seed{budget['seed']}-{budget['precision']}-{budget['data_checksum'][:12]}")
+    return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
 
 
-def finished(study: optuna.Study) -> dict:
-    """{trial key: record} of the study's finished trials, each config once (its first trial)."""
+def finished(study: optuna.Study, states=DONE) -> dict:
+    """{trial key: record} of the study's trials in `states` (default: finished), each config once (its first)."""
     records = {}
-    for t in sorted(study.get_trials(deepcopy=False, states=DONE), key=lambda t: t.number):
+    for t in sorted(study.get_trials(deepcopy=False, states=states), key=lambda t: t.number):
         records.setdefault(trial_key(t.user_attrs["record"]["config"]), t.user_attrs["record"])
     return records
 
@@ -224,8 +218,7 @@ def write_outputs(study: optuna.Study, mode: str, budget: dict, out_dir, order: 
 
 
 def _suggest(trial, key: str, values: list):
-    """The value of `key` for this trial: the sampler's pick from the grid's values (TPE: from their range; a
-    float key whose range excludes 0 on a log scale)."""
+    """The sampler's pick for `key`: from the grid's values, or (TPE) their range, log-scaled if it excludes 0."""
     spec = KEYS[key]
     if spec.type in (str, bool) or isinstance(spec.type, tuple):
         return trial.suggest_categorical(key, (False, True) if spec.type is bool else spec.type)  # every choice
@@ -235,29 +228,27 @@ def _suggest(trial, key: str, values: list):
 
 
 def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, val_size: int = KEYS["val_size"].default,
-           seed: int = KEYS["seed"].default, precision: str = KEYS["precision"].default, data_dir="data", skip_checksum: bool = False, out_dir="results/tuning", storage=None, sampler: str = "grid",
+           seed: int = KEYS["seed"].default, precision: str = KEYS["precision"].default, data_dir="data",
+           skip_checksum: bool = False, out_dir="results/tuning", storage=None, sampler: str = "grid",
            trials: int | None = None, prune: bool = False, device="cpu", log=print) -> list[dict]:
-    """Run each mode's study until every grid config (or, with TPE, `trials` trials) has finished, here or in other
-    processes on the same storage; write the outputs; return the records of the trials this process ran.
-
-    `grids` come from `build_grids`. `prune` stops a multi-epoch trial whose validation accuracy after an
-    epoch is below the median of the earlier trials' at that epoch (Optuna's MedianPruner).
-    """
+    """Run each mode's study (`grids` from `build_grids`) until every grid config, or with TPE `trials` trials,
+    has finished here or in other processes on the storage; write the outputs; return the records run here.
+    `prune`: Optuna's MedianPruner on each epoch's validation accuracy."""
     if val_size < 1 or (sampler == "tpe") != (trials is not None):
         raise ConfigError("tuning needs --val-size >= 1" if val_size < 1 else
                          "--trials N goes with --sampler tpe, and --sampler tpe needs it")
     data = load_mnist(data_dir, val_size=val_size, split_seed=seed, train_subset=train_subset,
                       verify_checksum=not skip_checksum)
-    budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed, "precision": precision,
-              "data_checksum": data.checksum}
+    budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed,
+              "precision": precision, "data_checksum": data.checksum}
     url = storage or f"sqlite:///{Path(out_dir) / DATABASE}"
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     log(f"tuning {', '.join(grids)} in {url}: {epochs} epoch(s) on {len(data.train_y)} images, scored on "
         f"{len(data.val_y)} validation images, {torch.get_num_threads()} torch thread(s)")
     ran = []
     for mode, grid in grids.items():
-        points = {trial_key(c): dict(zip(grid, values)) for c, values in
-                  zip(expand(mode, grid, budget), itertools.product(*grid.values()))}
+        points = {trial_key(trial_config(mode, p, budget)): p
+                  for p in (dict(zip(grid, values)) for values in itertools.product(*grid.values()))}
         sampler_ = (optuna.samplers.GridSampler(grid, seed=seed) if trials is None else
                     optuna.samplers.TPESampler(constant_liar=True))  # unseeded: each worker samples its own
         pruner = optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner()
@@ -270,17 +261,18 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
 
         def objective(trial):
             config = trial_config(mode, {k: _suggest(trial, k, v) for k, v in grid.items()}, budget)
-            for old in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                if trial_key(old.user_attrs["record"]["config"]) == trial_key(config):  # e.g. in an earlier grid
-                    trial.set_user_attr("record", old.user_attrs["record"])
-                    return old.value
+            old = finished(study, (TrialState.COMPLETE,)).get(trial_key(config))  # e.g. from an earlier grid
+            if old is not None:
+                trial.set_user_attr("record", old)
+                return old["val_acc"] or 0.0
             t0 = time.perf_counter()
 
             def report(row):  # --prune: the median rule on each epoch's validation accuracy
                 trial.report(row["val_acc"], row["epoch"])
                 if row["epoch"] < epochs and trial.should_prune():
                     trial.set_user_attr("record", {"config": config, "seed": seed, "val_acc": None, "val_loss": None,
-                                                   "pruned": row["epoch"], "seconds": round(time.perf_counter() - t0, 3)})
+                                                   "pruned": row["epoch"],
+                                                   "seconds": round(time.perf_counter() - t0, 3)})
                     raise optuna.TrialPruned()
 
             record = run_trial(config, data, device, on_epoch=report if prune else None)
@@ -294,7 +286,8 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
                 r, n, elapsed = trial.user_attrs["record"], total - left(), time.perf_counter() - start
                 score = ("diverged" if "error" in r else f"pruned at epoch {r['pruned']}") if r["val_acc"] is None \
                     else f"val acc {r['val_acc']:.2f}% loss {r['val_loss'] or math.inf:.4f}"
-                params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+                params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in trial.params.items())
                 eta = elapsed / max(n - first, 1) * (total - n)
                 log(f"[{mode} {n}/{total}] {params}  {score}  {r['seconds']:.1f}s  "
                     f"elapsed {timedelta(seconds=round(elapsed))}  ETA {timedelta(seconds=round(eta))}")
@@ -315,13 +308,9 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
 
 def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int = KEYS["seed"].default,
                  skip_checksum: bool = False, out_dir="results/tuning", log=print, **search_kwargs) -> dict:
-    """The best recorded config for `mode` (lr, batch_size, schedule, weight_decay, shift, hyperparams).
-
-    With `run_search`, first run the default (short) search for `mode`, with `search_kwargs` (epochs,
-    train_subset, val_size) overriding its budget; finished trials are reused.
-    """
-    if mode not in METHODS:
-        raise ConfigError(f"unknown mode {mode!r} (choose from {', '.join(METHODS)})")
+    """The best recorded config for `mode` (its `knobs`); with `run_search`, first run the default search, its
+    budget overridden by `search_kwargs` (epochs, train_subset, val_size)."""
+    checked_mode(mode)  # an unknown mode: ConfigError naming the valid ones
     if run_search:
         search(build_grids([mode]), data_dir=data_dir, seed=seed, skip_checksum=skip_checksum, out_dir=out_dir,
                log=log, **search_kwargs)
@@ -329,5 +318,4 @@ def tuned_config(mode: str, run_search: bool = False, data_dir="data", seed: int
     if mode not in summary:
         raise ConfigError(f"no tuned config for {mode} in {Path(out_dir) / SUMMARY}; "
                          f"run python tune_hyperparams.py --mode {mode} first")
-    entry = summary[mode]
-    return {**{k: entry["config"][k] for k in TRAIN_KEYS}, "hyperparams": dict(entry["config"]["hyperparams"])}
+    return knobs(summary[mode]["config"])
