@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from benchmarks import benchmarking  # noqa: E402
 from quant.cli import (ArgumentParser, add_config_flags, add_data_args, pick_device, positive_int,  # noqa: E402
                        run_main, seed_everything)
+from quant.config import KEYS  # noqa: E402
 from quant.data import load_mnist  # noqa: E402
 from quant.engine import PRECISIONS, native_bf16  # noqa: E402
 from quant.files import atomic_write_json  # noqa: E402
@@ -40,9 +41,10 @@ def parse_args():
                              "ratios are the median of the rounds' own ratios (default: 5; --quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the whole run (default: torch's default)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+    default = KEYS["precision"].default  # what train.py trains with unless told otherwise
+    parser.add_argument("--precision", choices=PRECISIONS, default=default,
                         help="besides FP32, also time bf16 autocast training: auto = where the device has native "
-                             "bf16, bf16 = always, fp32 = never (default: auto)")
+                             f"bf16, bf16 = always, fp32 = never (default: {default}, train.py's)")
     add_config_flags(parser, "val_size", "train_subset")  # --quick: train_subset QUICK_TRAIN_IMAGES
     return parser.parse_args()
 

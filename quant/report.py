@@ -414,6 +414,8 @@ def confirm_table(results_dir) -> str:
     rows = []
     for mode in sorted(summary, key=mode_key):
         for precision, entry in summary[mode].items():
+            if len(entry["candidates"]) < 2:  # the defaults alone: runs for the precision table
+                continue
             defaults = next(c for c in entry["candidates"] if c.get("defaults"))["config"]
             for c in sorted(entry["candidates"], key=lambda c: not c.get("defaults")):
                 chosen = "**chosen**" if c["config"] == entry["config"] else ""

@@ -151,7 +151,7 @@ def test_tunable_keys():
 def test_default_config_is_the_table():
     for mode in MODES:
         config_ = default_config(mode)
-        assert config_["mode"] == mode and config_["precision"] == "fp32" and config_["keep_fp"] == []
+        assert config_["mode"] == mode and config_["precision"] == KEYS["precision"].default and config_["keep_fp"] == []
         assert set(config_) == {"mode", "hyperparams", *(n for n, k in KEYS.items() if k.mode is None)}
         assert config_["hyperparams"] == {n: k.default for n, k in KEYS.items() if k.mode == mode}
     assert default_config("ttq")["lr"] == KEYS["lr"].default["ttq"]

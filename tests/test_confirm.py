@@ -27,7 +27,7 @@ def runs_for(mode, config, accs, precision="fp32"):
 
 def test_choice_keeps_defaults_within_one_paired_standard_error():
     default = confirm.knobs(default_config("twn"))
-    other = confirm.knobs(default_config("twn", lr=1e-2))
+    other = confirm.knobs(default_config("twn", lr=1e-3))
     base = [99.0, 99.2, 99.1]
     noisy = [99.3, 99.1, 99.2]  # diffs +0.3, -0.1, +0.1: mean 0.1, paired SE 0.115 -> keep the defaults
     entry = confirm.choose(runs_for("twn", default, base) + runs_for("twn", other, noisy), "twn", "fp32", 3, [0, 1, 2])
@@ -50,7 +50,7 @@ def test_choice_keeps_defaults_within_one_paired_standard_error():
 def test_confirm_trains_missing_runs_only(tmp_path, synthetic_mnist):
     trials = [trial("fp", 90.0, lr=1e-2), trial("fp", 80.0)]
     (tmp_path / "fp_tuning.json").write_text(json.dumps({"mode": "fp", "trials": trials}))
-    kwargs = dict(seeds=[0, 1], epochs=1, val_size=64, data_dir=synthetic_mnist, skip_checksum=True,
+    kwargs = dict(seeds=[0, 1], epochs=1, val_size=64, precision="fp32", data_dir=synthetic_mnist, skip_checksum=True,
                   tuning_dir=tmp_path, log=lambda line: None)
     summary = confirm.confirm(["fp"], 1, **kwargs)
     runs = confirm.read_runs(tmp_path, "fp")

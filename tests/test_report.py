@@ -629,7 +629,7 @@ def test_confirm_and_precision_tables_follow_the_confirm_summary(tmp_path):
     from quant import confirm, report
     from quant.config import default_config
 
-    default, other = confirm.knobs(default_config("twn")), confirm.knobs(default_config("twn", lr=1e-2))
+    default, other = confirm.knobs(default_config("twn")), confirm.knobs(default_config("twn", lr=1e-3))
     runs = lambda config, accs, precision: [{"config": config, "seed": s, "precision": precision, "epochs": 3,
                                              "val_acc": a, "val_loss": 0.1} for s, a in enumerate(accs)]
     fp32 = runs(default, [99.0, 99.2, 99.1], "fp32") + runs(other, [99.2, 99.4, 99.3], "fp32")
@@ -638,7 +638,7 @@ def test_confirm_and_precision_tables_follow_the_confirm_summary(tmp_path):
     (tmp_path / "tuning").mkdir()
     (tmp_path / "tuning" / "confirm_summary.json").write_text(json.dumps(summary))
     table = report.confirm_table(tmp_path)
-    assert "lr 0.01" in table and "+0.20 ± 0.00" in table and table.count("**chosen**") == 2
+    assert "lr 0.001" in table and "+0.20 ± 0.00" in table and table.count("**chosen**") == 2
     row = next(line for line in report.precision_table(tmp_path).splitlines() if line.startswith("| TWN"))
     # bf16 - fp32 per seed: +0.1, -0.1, +0.2 -> mean +0.067, the interval contains 0
     assert "+0.07" in row and "within noise" in row and "| 3 |" in row
