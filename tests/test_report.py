@@ -638,7 +638,8 @@ def test_confirm_and_precision_tables_follow_the_confirm_summary(tmp_path):
     (tmp_path / "tuning").mkdir()
     (tmp_path / "tuning" / "confirm_summary.json").write_text(json.dumps(summary))
     table = report.confirm_table(tmp_path)
-    assert "lr 0.001" in table and "+0.20 ± 0.00" in table and table.count("**chosen**") == 2
+    assert "lr 0.001" in table and "+0.20 ± 0.00" in table and table.count("**chosen**") == 1
+    assert "| bf16 |" not in table  # the defaults alone: shown in the precision table only
     row = next(line for line in report.precision_table(tmp_path).splitlines() if line.startswith("| TWN"))
     # bf16 - fp32 per seed: +0.1, -0.1, +0.2 -> mean +0.067, the interval contains 0
     assert "+0.07" in row and "within noise" in row and "| 3 |" in row
