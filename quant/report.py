@@ -479,6 +479,12 @@ def speed_table(results_dir) -> str:
             ok = value <= r["bar"] if r["bar_is"] == "max" else value >= r["bar"]
             rows.append([f"{name} {label(key) if key else ''}".strip(), f"{value:.2f}", spread,
                          f"{'≤' if r['bar_is'] == 'max' else '≥'} {r['bar']:g}", "yes" if ok else "**no**"])
+    runs = {p: read_json(Path(results_dir) / "speed" / f"seed0_{p}.json") for p in ("fp32", "auto")}
+    if all(runs.values()):  # reproduce.py --seeds 0 at each precision, one run after the other
+        value = runs["auto"]["seconds_total"] / runs["fp32"]["seconds_total"]
+        rows.append([f"reproduce.py --seeds 0 wall time, default precision / FP32 "
+                     f"({runs['auto']['seconds_total']:.0f} s / {runs['fp32']['seconds_total']:.0f} s)",
+                     f"{value:.2f}", "—", "≤ 0.7", "yes" if value <= 0.7 else "**no**"])
     m = bench["machine"]
     ratios = markdown(["Ratio", "Median of rounds", "Rounds min–max", "Bar", "Met"], rows, "lrrll")
     return (f"{table}\n\n{ratios}\n\n*{m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, "

@@ -21,6 +21,9 @@ def test_every_path_in_the_readme_exists():
 
 def test_generated_table_and_no_dangling_references():
     assert README.count("<!-- BEGIN:results_table -->") == README.count("<!-- END:results_table -->") == 1
-    assert "METHODS.md" not in README and "Deployment format" not in README
+    assert "METHODS.md" not in README
+    headings = set(re.findall(r"^#+ (.+)$", README, re.M))
+    for section in re.findall(r"""(?:see|README) ["'“]([^"'”]+)["'”]""", README):  # "see 'X'" names a section
+        assert section in headings, section
     for target in re.findall(r"\]\(([^)#]+)\)", README):
         assert (REPO / target).exists(), target

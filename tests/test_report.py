@@ -654,6 +654,10 @@ def test_speed_table_reads_the_benchmark_and_marks_missed_bars(tmp_path):
              "real_epoch_bf16": {"fp": {"images_per_s": 1500.0, "ms_per_step": 8.5}},
              "ratios": {"naive_over_real": {"value": 1.2, "per_round": [1.1, 1.2, 1.4], "bar": 1.3, "bar_is": "min"}}}
     (tmp_path / "benchmarks.json").write_text(json.dumps(bench))
+    (tmp_path / "speed").mkdir()
+    for precision, seconds in (("fp32", 200.0), ("auto", 130.0)):
+        (tmp_path / "speed" / f"seed0_{precision}.json").write_text(json.dumps({"seconds_total": seconds}))
     table = report.speed_table(tmp_path)
+    assert "(130 s / 200 s) | 0.65 | — | ≤ 0.7 | yes |" in table
     assert "| real epoch, FP32 | bf16 | 1,500 | 8.5 |" in table
     assert "| naive_over_real | 1.20 | 1.10–1.40 | ≥ 1.3 | **no** |" in table and "CPU X" in table
