@@ -4,7 +4,7 @@ What is measured and how: benchmarks/benchmarking.py. Run it on an otherwise idl
 load average before and after); the full run trains one 55,000-image epoch per mode plus one naive epoch.
 
 Example:
-    python benchmarks/bench.py --data-dir ../shared/mnist                                 # ~7 min on 2 cores
+    python benchmarks/bench.py --data-dir ../shared/mnist                                 # ~20 min on 2 cores (bf16 rounds included)
     python benchmarks/bench.py --quick --data-dir ../shared/mnist --out /tmp/bench.json   # a few seconds
 """
 import argparse
