@@ -30,6 +30,8 @@ PLAIN = {"schedule": "onecycle", "weight_decay": 0.0, "shift": 0, "seed": 0, "pr
 
 def run(mode, data, seed=0, epochs=1, lr=3e-3, **overrides):
     """runs.train_run of `mode`'s default config at batch 64, no augmentation: (model, method, history)."""
+    # FP32 unless a test asks for bf16: the default precision (auto) depends on the CPU
+    overrides = {"precision": "fp32", **overrides}
     config = default_config(mode, seed=seed, epochs=epochs, lr=lr, batch_size=64, shift=0, **overrides)
     result = train_run(config, data, log=lambda line: None)
     return result["model"], result["method"], result["history"]

@@ -20,7 +20,8 @@ def synthetic(synthetic_mnist):
 
 
 def quick(mode, **overrides):
-    return default_config(mode, epochs=1, batch_size=64, val_size=64, **overrides)
+    # FP32 whatever the CPU: the default precision (auto) would train in bf16 only where it is native
+    return default_config(mode, epochs=1, batch_size=64, val_size=64, **{"precision": "fp32", **overrides})
 
 
 def test_build_is_seeded_and_attaches_the_method():
