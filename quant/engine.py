@@ -7,6 +7,7 @@ the loss, the backward's accumulation into the FP32 master weights, Adam and eve
 Per epoch: validation loss/accuracy on the held-out split, one summary line, one history row.
 At the end: method.finish (e.g. ADMM's hard projection) and method.export (codes + scales).
 """
+import contextlib
 import math
 import time
 
@@ -137,6 +138,9 @@ def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"train: precision must be fp32 or bf16, got {precision!r}")
     device = torch.device(device)
+    # built once: a context manager per step is Python overhead on the hot path, and FP32 needs none at all
+    forward_precision = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                         else contextlib.nullcontext())
     model.to(device)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     groups = [{"params": g["params"], "lr": lr * g["lr_mult"]} for g in method.param_groups(model)]
@@ -153,7 +157,7 @@ def train(model, method, data: MNIST, *, epochs: int, lr: float, batch_size: int
         for x, y in batches(train_x, train_y, batch_size, shuffle):
             if shift:
                 x = random_shift(x, shift, shuffle)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with forward_precision:
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             extra = method.extra_loss()
