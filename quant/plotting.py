@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .report import (LAYERS, NoResults, label, layer_stats, mean, mode_key, read_csv, read_json,  # noqa: E402
-                     required_study_rows, seed_key, std, study_rows, summarize)
+                     seed_key, std, study_rows, summarize)
 from .results import ResultsError  # noqa: E402
 
 COLORS = {"fp": "#4d4d4d", "twn": "#1f77b4", "ttq": "#d62728", "admm": "#2ca02c"}
@@ -46,7 +46,7 @@ def _save(fig, path: Path) -> Path:
 def _rows(results_dir, tag, strict=True) -> list[dict]:
     """The study rows; with strict, none is MissingInput, else an unreadable results.csv reads as no rows."""
     try:
-        return required_study_rows(results_dir, tag) if strict else study_rows(results_dir, tag)
+        return study_rows(results_dir, tag, required=strict)
     except (NoResults, ResultsError) as e:
         if strict:
             raise MissingInput(str(e)) from None
@@ -107,9 +107,8 @@ def plot_comparison(results_dir, out_dir, tag="study") -> Path:
         ax.scatter([xs[mode]] * len(s["test_acc"]), s["test_acc"], s=12, color=color(mode), alpha=0.45, zorder=2,
                    edgecolors="none")
     ax.scatter([], [], s=12, color="gray", alpha=0.45, label="individual seeds")
-    ax.set_xscale("log")
-    ax.set_xlim(min(sizes.values()) / 1024 / 2.5, max(sizes.values()) / 1024 * 2.5)
-    ax.set_ylim(lo - 0.45 * span, hi + 0.45 * span)
+    ax.set(xscale="log", xlim=(min(sizes.values()) / 1024 / 2.5, max(sizes.values()) / 1024 * 2.5),
+           ylim=(lo - 0.45 * span, hi + 0.45 * span), ylabel="MNIST test accuracy (%)")
     bottom, top = ax.get_ylim()  # labels right of each point, spread so close accuracies never overprint
     for mode, y in zip(points, _spread_labels(list(ys.values()), 0.09 * (top - bottom))):  # 0.09: two text lines
         text = (f"{label(mode)}: {ys[mode]:.2f}%\n{sizes[mode] / 1024:,.0f} KiB"
@@ -118,7 +117,6 @@ def plot_comparison(results_dir, out_dir, tag="study") -> Path:
                     va="center", color=color(mode), arrowprops={"arrowstyle": "-", "color": color(mode), "lw": 0.6})
     ax.set_xlabel("deployed model size on disk (KiB, log scale)\n"
                   "ternary: packed 2-bit file, BatchNorm folded; FP32: torch.save(state_dict)", fontsize=9)
-    ax.set_ylabel("MNIST test accuracy (%)")
     runs = f"{n_seeds} seed{'s' * (n_seeds > 1)}" + ("" if tag == "study" else f", results tagged '{tag}'")
     ax.set_title(f"LeNet-5 on MNIST: accuracy vs deployed size ({runs})"
                  + ("\nternary points nudged sideways for legibility; their files are equal in size" if crowd else ""),
@@ -170,8 +168,8 @@ def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
         ax_acc.set_title(label(mode) + ("\n(before the hard projection, epochs\nrun on latent, not ternary, weights)"
                                         if mode == "admm" and unrecorded else ""), fontsize=10)
         ax_loss.set_xlabel("epoch")
-        ax_acc.grid(alpha=0.3)
-        ax_loss.grid(alpha=0.3)
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
         ax_acc.legend(fontsize=7, loc="lower right")
     for ax in axes.flat:
         _epoch_axis(ax, all_epochs)
@@ -204,8 +202,7 @@ def plot_weight_histograms(results_dir, out_dir, tag="study") -> Path:
                 continue
             counts = np.asarray(entry["counts"])
             ax.stairs(counts, np.asarray(entry["edges"]), fill=True, color=color(mode), alpha=0.75)
-            ax.set_yscale("log")
-            ax.set_ylim(0.7, max(counts.max(), 1) * 2)
+            ax.set(yscale="log", ylim=(0.7, max(counts.max(), 1) * 2))
             title = f"{label(mode)} · {name} ({entry['weights']:,} weights)"
             if entry.get("ternary"):
                 delta = float(np.mean(entry["delta"]))
@@ -248,9 +245,8 @@ def plot_sparsity_bytes(results_dir, out_dir, tag="study") -> Path:
                  yerr=[0 if math.isnan(e) else 100 * e for e in per_layer("zero", mode, std)], capsize=3,
                  color=color(mode), label=label(mode))
     ax_z.set_xticks(x, [f"{n}\n({layers[n]['weights']:,.0f} weights)" for n in names], fontsize=8)
-    ax_z.set_ylabel("deployed codes equal to 0 (%)")
     highest = max((100 * max(v) for s in layers.values() for v in s["zero"].values() if v), default=50)
-    ax_z.set_ylim(0, min(100, highest * 1.25 + 5))
+    ax_z.set(ylabel="deployed codes equal to 0 (%)", ylim=(0, min(100, highest * 1.25 + 5)))
     ax_z.set_title("Sparsity of the deployed ternary codes (mean ± std over seeds)", fontsize=10)
     ax_z.legend(fontsize=8)
     ax_z.grid(axis="y", alpha=0.3)
@@ -265,9 +261,7 @@ def plot_sparsity_bytes(results_dir, out_dir, tag="study") -> Path:
         if i >= 3:  # each mode's order-0 bound as a black tick across its entropy-coded bar
             ax_b.plot(at, per_layer("entropy", modes[i - 3]), "_", color="black", ms=max(4.0, 60 * width), mew=1.6,
                       label="order-0 entropy bound" if i == 3 else None)
-    ax_b.set_yscale("log")
-    ax_b.set_xticks(x, names)
-    ax_b.set_ylabel("bytes per layer (log scale)")
+    ax_b.set(yscale="log", xticks=x, xticklabels=names, ylabel="bytes per layer (log scale)")
     ax_b.set_title("Bytes per layer: FP32, fixed-rate, entropy-coded; — = order-0 bound\n"
                    "(code blocks only; scales, biases and the file header excluded)", fontsize=10)
     ax_b.legend(fontsize=7, ncol=2, loc="upper left")
@@ -296,12 +290,10 @@ def plot_admm_residual(results_dir, out_dir, tag="study") -> Path:
     for ax, ylabel, title in zip(axes, ("primal residual ‖W − G‖ / ‖W‖ (log)", "penalty ρ (log)"),
                                  ("Distance of latent W from its ternary copy G",
                                   "ADMM penalty ρ (grows after every G/U update)")):
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch (value at its end)")
+        ax.set(yscale="log", xlabel="epoch (value at its end)", ylabel=ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         _epoch_axis(ax, all_epochs)
-        ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
     fig.suptitle("ADMM: constraint violation and penalty over training", fontsize=11)
     return _save(fig, Path(out_dir) / "admm_residual.png")

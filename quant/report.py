@@ -93,22 +93,19 @@ def read_json(path):
     return json.loads(Path(path).read_text()) if Path(path).exists() else None
 
 
-def study_rows(results_dir, tag: str = "study") -> list[dict]:
-    """Latest results.csv row per (mode, seed) with `tag` (file order = age), ordered by mode then seed."""
-    latest = {(r["mode"], seed_of(r)): r for r in read_results(Path(results_dir) / "results.csv")[1]
-              if (r.get("tag") or "") == tag and r.get("mode")}
-    return [latest[k] for k in sorted(latest, key=lambda k: (mode_key(k[0]), seed_key(k[1])))]
-
-
-def required_study_rows(results_dir, tag: str = "study") -> list[dict]:
-    """study_rows, raising NoResults when results.csv is unreadable or has no `tag` rows."""
+def study_rows(results_dir, tag: str = "study", required: bool = False) -> list[dict]:
+    """Latest results.csv row per (mode, seed) with `tag` (file order = age), ordered by mode then seed; with
+    `required`, an unreadable results.csv or no such rows raise NoResults."""
     try:
-        rows = study_rows(results_dir, tag)
+        latest = {(r["mode"], seed_of(r)): r for r in read_results(Path(results_dir) / "results.csv")[1]
+                  if (r.get("tag") or "") == tag and r.get("mode")}
     except ResultsError as e:
-        raise NoResults(str(e)) from None
-    if not rows:
+        if required:
+            raise NoResults(str(e)) from None
+        raise
+    if required and not latest:
         raise NoResults(f"{Path(results_dir) / 'results.csv'} has no rows tagged {tag!r}")
-    return rows
+    return [latest[k] for k in sorted(latest, key=lambda k: (mode_key(k[0]), seed_key(k[1])))]
 
 
 def deployment_rows(results_dir, rows: list[dict]) -> list[dict]:
@@ -120,12 +117,9 @@ def deployment_rows(results_dir, rows: list[dict]) -> list[dict]:
 
 
 def summarize(results_dir, tag: str = "study") -> dict:
-    """{mode: {key: [value per seed]}} over the latest `tag` runs; raises NoResults if there are none.
-
-    Keys: seeds, test_acc, val_acc, train_seconds, the TOTALS keys from deployment.csv, mismatches (over every
-    verified format), size (bytes deployed: the 2-bit file; FP: the FP32 state_dict) and compression (FP32 / size).
-    """
-    rows = required_study_rows(results_dir, tag)
+    """{mode: {key: [per seed]}} of the latest `tag` runs (NoResults if none): results.csv's accuracies, the TOTALS,
+    mismatches, size (bytes deployed: the 2-bit file; FP: the FP32 state_dict) and compression (FP32 / size)."""
+    rows = study_rows(results_dir, tag, required=True)
     totals = [d for d in deployment_rows(results_dir, rows) if d.get("layer") == "total"]
     out = {}
     for row in rows:
@@ -208,8 +202,6 @@ def layer_stats(results_dir, tag: str = "study") -> dict:
     return {k: out[k] for k in LAYERS if k in out}
 
 
-# ---------------------------------------------------------------- formatting
-
 def fmt(value, spec: str = ".2f") -> str:
     return NA if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -232,8 +224,6 @@ def markdown(header: list[str], rows: list[list[str]], align: str | None = None)
     rule = ["---:" if a == "r" else ":---" for a in align or "l" + "r" * (len(header) - 1)]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *rows])
 
-
-# ---------------------------------------------------------------- tables
 
 def results_table(stats: dict) -> str:
     fp = mean(stats["fp"]["test_acc"]) if "fp" in stats else math.nan
@@ -374,12 +364,8 @@ def precision_table(results_dir) -> str:
     summary = read_json(Path(results_dir) / "tuning" / "confirm_summary.json") or {}
     rows = []
     for mode in sorted(summary, key=mode_key):
-        runs = {}
-        for precision in ("fp32", "bf16"):
-            entry = summary[mode].get(precision)
-            default = entry and next((c for c in entry["candidates"] if c.get("defaults")), None)
-            if default:
-                runs[precision] = dict(zip(entry["seeds"], default["val_accs"]))
+        runs = {p: dict(zip(e["seeds"], c["val_accs"])) for p in ("fp32", "bf16") if (e := summary[mode].get(p))
+                for c in e["candidates"] if c.get("defaults")}
         if len(runs) < 2:
             continue
         seeds = sorted(set(runs["fp32"]) & set(runs["bf16"]))
@@ -454,8 +440,7 @@ def fill(text: str, generated: dict) -> str:
 
 
 def refresh(documents, results_dir="results", tag: str = "study") -> list[Path]:
-    """Rewrite the generated tables in each existing document; returns those that changed. Raises NoResults (and
-    touches nothing) if results_dir has no `tag` rows."""
+    """Rewrite the tables in each existing document; returns those changed (NoResults, nothing touched: no rows)."""
     generated, changed = tables(results_dir, tag), []
     for doc in (Path(d) for d in documents if Path(d).exists()):
         text = doc.read_text(encoding="utf-8")
