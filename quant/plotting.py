@@ -70,8 +70,7 @@ def _spread_labels(ys: list[float], min_gap: float) -> list[float]:
     order = sorted(range(len(ys)), key=lambda i: ys[i])
     placed = [ys[i] for i in order]
     for _ in range(50):
-        gaps = [(a, min_gap - (placed[a + 1] - placed[a])) for a in range(len(placed) - 1)]
-        if all(short <= 0 for _, short in gaps):
+        if all(placed[a + 1] - placed[a] >= min_gap for a in range(len(placed) - 1)):
             break
         for a in range(len(placed) - 1):  # sequential: each push sees the previous one
             if (short := min_gap - (placed[a + 1] - placed[a])) > 0:
