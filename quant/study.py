@@ -132,20 +132,12 @@ def write_predictions(path: Path, values) -> None:
 
 
 def cpu_model() -> str:
-    """The CPU model name as `lscpu` reports it (falls back to /proc/cpuinfo, then platform)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        match = re.search(r"^Model name:\s*(.+)$", out, re.M)
-        if match:
-            return match.group(1).strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
+    """The CPU model name as `lscpu` reports it (else /proc/cpuinfo's, else platform's)."""
+    for command, pattern in ((["lscpu"], r"^Model name:\s*(.+)$"), (["cat", "/proc/cpuinfo"], r"^model name\s*:\s*(.+)$")):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            match = re.search(pattern, subprocess.run(command, capture_output=True, text=True, timeout=5).stdout, re.M)
+            if match:
+                return match.group(1).strip()
     return platform.processor() or platform.machine()
 
 
