@@ -313,7 +313,8 @@ def setup_table(results_dir) -> str:
         return "*No results/study.json yet: run `python reproduce.py`.*"
     plan, get = info.get("plan", {}), lambda k: info.get(k, NA)
     rows = [["Command", f"`{get('command')}`"], ["CPU (lscpu model name)", str(get("cpu"))],
-            ["Logical CPUs / torch threads", f"{get('logical_cpus')} / {get('torch_threads')}"],
+            ["Logical CPUs / worker processes / torch threads per run",
+             f"{get('logical_cpus')} / {info.get('workers', 1)} / {get('torch_threads')}"],
             ["torch / Python", f"{get('torch')} / {get('python')}"], ["Device", str(get("device"))],
             ["Seeds", " ".join(map(str, plan.get("seeds", []))) or NA],
             ["Validation images (random split per seed)", fmt(plan.get("val_size"), ",d")],
