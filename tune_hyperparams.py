@@ -152,7 +152,7 @@ def main():
                   device=args.device)
     if args.worker:
         return
-    summary = tuning.read_summary(args.out_dir)
+    summary = tuning.read_json(Path(args.out_dir) / tuning.SUMMARY, {})
     print(f"\ntuned configs ({Path(args.out_dir) / tuning.SUMMARY}; the defaults are kept unless a config beats them "
           "by more than one standard error):")
     for mode in args.modes:
