@@ -133,9 +133,9 @@ def main():
     args = parse_args()
     if args.confirm is not None:
         STATE["saved"] = f"every finished run is saved in {args.out_dir}"
-        summary = confirm.confirm(args.modes, args.confirm, seeds=args.confirm_seeds, precision=args.precision,
-                                  data_dir=args.data_dir, skip_checksum=args.skip_checksum, tuning_dir=args.out_dir,
-                                  device=args.device)
+        summary = confirm.confirm(args.modes, args.confirm, seeds=args.confirm_seeds, val_size=args.val_size,
+                                  precision=args.precision, data_dir=args.data_dir, skip_checksum=args.skip_checksum,
+                                  tuning_dir=args.out_dir, device=args.device)
         for mode in args.modes:
             for precision, entry in summary.get(mode, {}).items():
                 print(f"  {mode:5s} {precision}: {entry['choice']}  {json.dumps(entry['config'])}")
