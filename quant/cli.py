@@ -1,7 +1,6 @@
 """What every script shares on the command line: the flags of the config table (quant/config.py), device
-choice, seeding, and `run_main`, which turns a QuantError (bad input, missing or corrupt files, a diverged
-run) or an OSError into one `error: ...` line and a non-zero exit; any other exception is a bug and keeps
-its traceback.
+choice, seeding, and `run_main`, which turns a QuantError (bad input, missing or corrupt files, a diverged run)
+or an OSError into one `error: ...` line and a non-zero exit; any other exception is a bug and keeps its traceback.
 """
 import argparse
 import os

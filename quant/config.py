@@ -95,7 +95,8 @@ def _in_range(number: float, spec: str) -> bool:
         low = float(spec.lstrip(">="))
         return number >= low if spec.startswith(">=") else number > low
     low, high = (float(s) for s in spec[1:-1].split(","))
-    return (low <= number if spec[0] == "[" else low < number) and (number <= high if spec[-1] == "]" else number < high)
+    above = low <= number if spec[0] == "[" else low < number
+    return above and (number <= high if spec[-1] == "]" else number < high)
 
 
 def check(key: Key, value):
@@ -199,4 +200,6 @@ def describe_default(key: Key) -> str:
         return ({True: "on", False: "off"}[v] if isinstance(v, bool) else "all" if v is None else
                 "none" if v == [] else f"{v:g}" if isinstance(v, float) else str(v))
 
-    return ", ".join(f"{m} {show(v)}" for m, v in key.default.items()) if isinstance(key.default, dict) else show(key.default)
+    if isinstance(key.default, dict):
+        return ", ".join(f"{m} {show(v)}" for m, v in key.default.items())
+    return show(key.default)

@@ -50,9 +50,9 @@ def choose(runs: list[dict], mode: str, precision: str, epochs: int, seeds: list
         if all(acc.get(s) is not None for s in seeds):
             # rounded: accuracies count whole images, so a tie with the standard error must not turn on float noise
             values, diffs = [acc[s] for s in seeds], [round(acc[s] - base[s], 9) for s in seeds]
-            table.append({"config": config, "defaults": acc is base, "val_accs": values, "mean": statistics.fmean(values),
-                          "std": spread(values), "diff_vs_defaults": statistics.fmean(diffs),
-                          "diff_se": spread(diffs) / len(diffs) ** 0.5})
+            table.append({"config": config, "defaults": acc is base, "val_accs": values,
+                          "mean": statistics.fmean(values), "std": spread(values),
+                          "diff_vs_defaults": statistics.fmean(diffs), "diff_se": spread(diffs) / len(diffs) ** 0.5})
     best = max(table, key=lambda c: c["mean"])
     adopt = not best["defaults"] and round(best["diff_vs_defaults"] - best["diff_se"], 9) > 0
     return {"config": best["config"] if adopt else next(c for c in table if c["defaults"])["config"],
@@ -71,7 +71,8 @@ def confirm(modes: list[str], k: int, *, seeds=(0, 1, 2), epochs: int = KEYS["ep
         data = None  # loaded by the first run this seed still needs
         for mode, config in ((m, c) for m in modes for c in todo[m]):
             runs = read_runs(tuning_dir, mode)
-            if any((r["config"], r["seed"], r["precision"], r["epochs"]) == (config, seed, precision, epochs) for r in runs):
+            if any((r["config"], r["seed"], r["precision"], r["epochs"]) == (config, seed, precision, epochs)
+                   for r in runs):
                 continue
             if data is None:
                 data = load_mnist(data_dir, val_size=val_size, split_seed=seed, verify_checksum=not skip_checksum)

@@ -1,11 +1,7 @@
-"""Hyperparameter search on the validation split, as Optuna studies: grids, the trial, and the tuned config.
-
-A trial trains a short budget on the training split minus the validation split and scores the *deployed*
-model (codes x scales, as eval and packing see it) on the validation split; the test set is never read, as
-choosing on it would make every reported test accuracy optimistic. Each mode has one study per budget in an
-RDB storage; after each trial the outputs are rewritten from it: {mode}_tuning.json (every finished trial,
-each config once) and tuning_summary.json (each mode's choice by the one-standard-error rule).
-"""
+"""Hyperparameter search on the validation split as Optuna studies, one per mode and budget: the grids, the
+trial, the outputs rewritten from the study after each trial ({mode}_tuning.json: every finished config once;
+tuning_summary.json: each mode's choice) and the tuned config. A trial scores the *deployed* model (codes x
+scales) on the validation split; the test set is never read: choosing on it would bias every test accuracy."""
 import itertools
 import json
 import math
@@ -28,12 +24,10 @@ from .runs import train_run
 
 SUMMARY, DATABASE = "tuning_summary.json", "studies.db"
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-HEARTBEAT, GRACE = 2, 10  # seconds between a running trial's heartbeats; silence after which its worker is dead
 
 # Default grids: 69 trials of 1 epoch on 20,000 images (~6-9 min on 2 CPU cores). lr spans the useful Adam
 # range; each method's knobs bracket its paper's value: TWN's delta_factor 0.7 (arXiv 1605.04711, Eq. 6),
-# TTQ's t = 0.05 (arXiv 1612.01064, Eq. 9), ADMM's rho schedule (arXiv 1707.09870, Eqs. 8-11). A short budget
-# favours small batches (more steps): a hint to confirm at full length (quant/confirm.py).
+# TTQ's t = 0.05 (arXiv 1612.01064, Eq. 9), ADMM's rho schedule (arXiv 1707.09870, Eqs. 8-11).
 GRIDS = {
     "fp": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128, 256]},
     "twn": {"lr": [1e-3, 3e-3, 1e-2], "batch_size": [64, 128], "delta_factor": [0.5, 0.7, 0.9]},
@@ -49,8 +43,8 @@ def build_grids(modes: list[str], overrides: dict | None = None) -> dict:
     per_mode = {m: overrides.pop(m) for m in list(overrides) if m in MODES}
     for grid, among in [*((g, [m]) for m, g in per_mode.items()), (overrides, modes)]:
         if among[0] not in modes or not isinstance(grid, dict):
-            raise ConfigError(f"the grid names mode {among[0]}, which is not being tuned (--mode {' / '.join(modes)})"
-                              if among[0] not in modes else f"the grid of {among[0]} must be a JSON object {{key: [values]}}")
+            raise ConfigError(f"the grid of {among[0]} must be a JSON object {{key: [values]}}" if among[0] in modes else
+                              f"the grid names mode {among[0]}, which is not being tuned (--mode {' / '.join(modes)})")
         known = list(dict.fromkeys(k for m in among for k in tunable_keys(m)))
         for key in (k for k in grid if k not in known):
             which = f"mode {among[0]} has no" if len(among) == 1 else f"none of the modes {', '.join(among)} has a"
@@ -77,8 +71,7 @@ def trial_config(mode: str, params: dict, budget: dict) -> dict:
 
 
 def run_trial(config: dict, data, device="cpu", on_epoch=None) -> dict:
-    """Train `config` on `data`'s training split and score the deployed model on its validation split, which
-    training sees only for `on_epoch` (the pruner, which may raise TrialPruned(epoch))."""
+    """Train `config`, score its deployed model on the validation split (seen in training only by `on_epoch`)."""
     record, start = {"config": config, "seed": config["seed"]}, time.perf_counter()
     try:
         val = train_run(config, data, device, log=lambda _: None, epoch_validation=on_epoch is not None,
@@ -103,18 +96,15 @@ def read_json(path: Path, empty: dict) -> dict:
     return doc
 
 
-def rank(trial: dict) -> tuple:
-    """Sort key of a scored trial: validation accuracy, then the lower loss."""
+def rank(trial: dict) -> tuple:  # sort key of a scored trial: validation accuracy, then the lower loss
     return trial["val_acc"], -(trial["val_loss"] if trial["val_loss"] is not None else math.inf)
 
 
 def summarize(trials: list[dict], budget: dict) -> dict | None:
-    """The summary entry of the trials of one `budget`; None if none scored.
-
-    `best` has the highest validation accuracy (then the lowest loss); it is chosen unless the defaults score
-    within one binomial standard error of it, a short trial's noise (the one-standard-error rule; Hastie,
-    Tibshirani, Friedman, Elements of Statistical Learning, 7.10): the defaults came from full-length runs.
-    """
+    """The summary entry of the trials of one `budget` (None if none scored). `best` has the highest validation
+    accuracy (then the lowest loss); it is chosen unless the defaults score within one binomial standard error
+    of it, a short trial's noise (the one-standard-error rule; Hastie, Tibshirani, Friedman, Elements of
+    Statistical Learning, 7.10): the defaults came from full-length runs."""
     scored = [t for t in trials if t.get("val_acc") is not None]
     if not scored:
         return None
@@ -139,7 +129,7 @@ def open_study(url: str, name: str, sampler, pruner) -> optuna.Study:
         try:  # SQLite admits one writer at a time: wait for the lock rather than fail (Optuna FAQ)
             storage = optuna.storages.RDBStorage(
                 url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {},
-                heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+                heartbeat_interval=2, grace_period=10,  # seconds: between heartbeats; silence that means a dead worker
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
             return optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
                                        direction="maximize", load_if_exists=True)
@@ -158,8 +148,7 @@ def finished(study: optuna.Study) -> dict:
 
 
 def write_outputs(study: optuna.Study, mode: str, budget: dict, out_dir, order: list[str]) -> None:
-    """Rewrite {mode}_tuning.json (other budgets' trials, then the study's, in `order` of trial keys first)
-    and, if it changed, the mode's summary."""
+    """Rewrite {mode}_tuning.json (other budgets' trials, then this study's in `order`) and the summary."""
     records, path = finished(study), Path(out_dir) / f"{mode}_tuning.json"
     found = [records[k] for k in sorted(records, key=lambda k: order.index(k) if k in order else len(order))]
     others = [t for t in read_json(path, {"trials": []})["trials"] if any(t["config"].get(k) != v
@@ -182,10 +171,9 @@ def _suggest(trial, key: str, values: list):
     return trial.suggest_float(key, min(values), max(values), log=spec.range.startswith(("(0", "> 0")))
 
 
-def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, val_size: int = KEYS["val_size"].default,
-           seed: int = KEYS["seed"].default, precision: str = KEYS["precision"].default, data_dir="data",
-           skip_checksum: bool = False, out_dir="results/tuning", storage=None, sampler: str = "grid",
-           trials: int | None = None, prune: bool = False, device="cpu", log=print) -> list[dict]:
+def search(grids: dict, *, epochs=1, train_subset=20000, val_size=KEYS["val_size"].default, seed=KEYS["seed"].default,
+           precision=KEYS["precision"].default, data_dir="data", skip_checksum=False, out_dir="results/tuning",
+           storage=None, sampler="grid", trials=None, prune=False, device="cpu", log=print) -> list[dict]:
     """Run each mode's study until every grid config (with TPE: `trials` trials) has finished, here or in other
     processes on the storage; write the outputs; return the records run here. `prune`: Optuna's MedianPruner."""
     if val_size < 1 or (sampler == "tpe") != (trials is not None):
@@ -219,7 +207,6 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
                 trial.report(row["val_acc"], row["epoch"])
                 if row["epoch"] < epochs and trial.should_prune():
                     raise optuna.TrialPruned(row["epoch"])
-
             record = finished(study).get(trial_key(config))  # e.g. from an earlier, smaller grid
             if record is None:
                 record = run_trial(config, data, device, on_epoch=report if prune else None)
@@ -233,17 +220,17 @@ def search(grids: dict, *, epochs: int = 1, train_subset: int | None = 20000, va
             if trial.state in DONE:
                 write_outputs(study, mode, budget, out_dir, list(points))
                 r, n, elapsed = trial.user_attrs["record"], total - left(), time.perf_counter() - start
-                score = f"val acc {r['val_acc']:.2f}% loss {r['val_loss'] or math.inf:.4f}" if r["val_acc"] is not None \
-                    else "diverged" if "error" in r else f"pruned at epoch {r['pruned']}"
+                score = (f"val acc {r['val_acc']:.2f}% loss {r['val_loss'] or math.inf:.4f}" if r["val_acc"] is not None
+                         else "diverged" if "error" in r else f"pruned at epoch {r['pruned']}")
                 params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-                log(f"[{mode} {n}/{total}] {params}  {score}  {r['seconds']:.1f}s  elapsed {timedelta(seconds=round(elapsed))}"
-                    f"  ETA {timedelta(seconds=round(elapsed / max(n - first, 1) * (total - n)))}")
+                eta = elapsed / max(n - first, 1) * (total - n)
+                log(f"[{mode} {n}/{total}] {params}  {score}  {r['seconds']:.1f}s  "
+                    f"elapsed {timedelta(seconds=round(elapsed))}  ETA {timedelta(seconds=round(eta))}")
 
         start, first = time.perf_counter(), total - left()
         log(f"{mode}: {first} of {total} trials already finished in study {name}")
         while left() > 0:
-            # GridSampler never returns to a point whose trial failed (interrupted, or crashed without its
-            # heartbeat's retry queued): once it has visited every point, queue the missing ones.
+            # GridSampler never revisits a point whose trial failed: once it has visited all, queue the missing ones.
             if trials is None and sampler_.is_exhausted(study) and not study.get_trials(states=(TrialState.WAITING,)):
                 for key in points.keys() - finished(study).keys():
                     study.enqueue_trial(points[key])
@@ -257,8 +244,7 @@ def tuned_config(mode: str, run_search: bool = False, out_dir="results/tuning", 
     """The best recorded config for `mode` (its `knobs`), after the default search if `run_search`."""
     if run_search:
         search(build_grids([checked_mode(mode)]), out_dir=out_dir, **search_kwargs)
-    summary = read_json(Path(out_dir) / SUMMARY, {})
-    if checked_mode(mode) not in summary:
+    if checked_mode(mode) not in (summary := read_json(Path(out_dir) / SUMMARY, {})):
         raise ConfigError(f"no tuned config for {mode} in {Path(out_dir) / SUMMARY}; "
                           f"run python tune_hyperparams.py --mode {mode} first")
     return knobs(summary[mode]["config"])
