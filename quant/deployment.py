@@ -6,6 +6,7 @@ quant/onnx_export.py.
 """
 import csv
 import io
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -146,14 +147,16 @@ def differing(summaries: list[dict]) -> list[str]:
 
 def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, onnx: bool = False, fold_bn: bool = True,
                     float_dtype: str = "fp32", results_dir: Path | None = None, command: str = "",
-                    show=lambda summary: None) -> dict:
+                    show=lambda summary: None, map_fn=map) -> dict:
     """Pack every checkpoint in `paths`, verify (with `mnist`), write deployment.csv/.json into results_dir.
 
+    `map_fn` runs pack_checkpoint over the paths (a process pool's map packs them side by side).
     `show(summary)` is called once per packed checkpoint, before any PackError, so a caller can print it.
     Returns {"checkpoints": packed summaries, "not_packed": summaries of checkpoints without ternary layers};
     raises PackError if any verified file's predictions differ from its checkpoint's.
     """
-    summaries = [pack_checkpoint(Path(p), encodings, mnist, fold_bn, float_dtype, onnx) for p in paths]
+    pack = partial(pack_checkpoint, encodings=encodings, mnist=mnist, fold_bn=fold_bn, float_dtype=float_dtype, onnx=onnx)
+    summaries = list(map_fn(pack, [Path(p) for p in paths]))
     packed, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
     for s in packed:
         show(s)
