@@ -151,8 +151,8 @@ def write_outputs(study: optuna.Study, mode: str, budget: dict, out_dir, order: 
     """Rewrite {mode}_tuning.json (other budgets' trials, then this study's in `order`) and the summary."""
     records, path = finished(study), Path(out_dir) / f"{mode}_tuning.json"
     found = [records[k] for k in sorted(records, key=lambda k: order.index(k) if k in order else len(order))]
-    others = [t for t in read_json(path, {"trials": []})["trials"] if any(t["config"].get(k) != v
-                                                                          for k, v in budget.items())]
+    others = [t for t in read_json(path, {"trials": []})["trials"]
+              if any(t["config"].get(k) != v for k, v in budget.items())]
     atomic_write_json(path, {"mode": mode, "trials": others + found})
     summary, entry = read_json(Path(out_dir) / SUMMARY, {}), summarize(found, budget)
     undated = [{k: v for k, v in (e or {}).items() if k != "updated"} for e in (entry, summary.get(mode))]
