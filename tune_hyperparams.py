@@ -133,9 +133,9 @@ def main():
     args = parse_args()
     if args.confirm is not None:
         STATE["saved"] = f"every finished run is saved in {args.out_dir}"
-        summary = confirm.confirm(args.modes, args.confirm, seeds=args.confirm_seeds, precision=args.precision,
-                                  data_dir=args.data_dir, skip_checksum=args.skip_checksum, tuning_dir=args.out_dir,
-                                  device=args.device)
+        summary = confirm.confirm(args.modes, args.confirm, seeds=args.confirm_seeds, val_size=args.val_size,
+                                  precision=args.precision, data_dir=args.data_dir, skip_checksum=args.skip_checksum,
+                                  tuning_dir=args.out_dir, device=args.device)
         for mode in args.modes:
             for precision, entry in summary.get(mode, {}).items():
                 print(f"  {mode:5s} {precision}: {entry['choice']}  {json.dumps(entry['config'])}")
@@ -152,7 +152,7 @@ def main():
                   device=args.device)
     if args.worker:
         return
-    summary = tuning.read_summary(args.out_dir)
+    summary = tuning.read_json(Path(args.out_dir) / tuning.SUMMARY, {})
     print(f"\ntuned configs ({Path(args.out_dir) / tuning.SUMMARY}; the defaults are kept unless a config beats them "
           "by more than one standard error):")
     for mode in args.modes:

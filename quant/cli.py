@@ -1,7 +1,6 @@
 """What every script shares on the command line: the flags of the config table (quant/config.py), device
-choice, seeding, and `run_main`, which turns a QuantError (bad input, missing or corrupt files, a diverged
-run) or an OSError into one `error: ...` line and a non-zero exit; any other exception is a bug and keeps
-its traceback.
+choice, seeding, and `run_main`, which turns a QuantError (bad input, missing or corrupt files, a diverged run)
+or an OSError into one `error: ...` line and a non-zero exit; any other exception is a bug and keeps its traceback.
 """
 import argparse
 import os
@@ -25,7 +24,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def flag_type(key: config.Key):
-    """An argparse `type` that checks a value against `key`'s type and range (config.check)."""
+    """An argparse `type` that checks a value against `key`'s type and range, its message kept in the error."""
     def parse(text):
         try:
             return config.check(key, text)
@@ -35,27 +34,19 @@ def flag_type(key: config.Key):
 
 
 # Counts that are not hyperparameters (seeds, threads, workers, rounds).
-positive_int = flag_type(config.Key("n", None, int, ">= 1", ""))
-non_negative_int = flag_type(config.Key("n", None, int, ">= 0", ""))
+positive_int, non_negative_int = (flag_type(config.Key("n", None, int, low, "")) for low in (">= 1", ">= 0"))
 
 
 def add_config_flags(parser, *names: str) -> None:
-    """Flags for the config keys `names`, each with the table's type, range, help and default.
-
-    A key that a tuned config may set, or whose default differs per mode, gets the argparse default None
-    ("not given", so `given` leaves it to the tuned config or the mode's default); others get the table's."""
-    for name in names:
-        key = config.KEYS[name]
+    """Flags for the config keys `names`, each with the table's type, range, help and default. A key that a
+    tuned config may set, or whose default differs per mode, defaults to None: "not given", so `given` leaves
+    it to the tuned config or the mode's default."""
+    for key in (config.KEYS[name] for name in names):
         unset = key.tunable or key.mode is not None or isinstance(key.default, dict)
-        kwargs = {"dest": name, "default": None if unset else key.default,
-                  "help": f"{key.help} (default: {config.describe_default(key)})"}
-        if key.type is bool:
-            kwargs.update(action="store_const", const=True)
-        elif isinstance(key.type, tuple):
-            kwargs["choices"] = key.type
-        else:
-            kwargs["type"] = flag_type(key)
-        parser.add_argument(*config.flags(key), **kwargs)
+        kind = ({"action": "store_const", "const": True} if key.type is bool else
+                {"choices": key.type} if isinstance(key.type, tuple) else {"type": flag_type(key)})
+        parser.add_argument(*config.flags(key), dest=key.name, default=None if unset else key.default,
+                            help=f"{key.help} (default: {config.describe_default(key)})", **kind)
 
 
 def given(args) -> dict:
@@ -85,16 +76,14 @@ def add_train_args(parser):
                         help="torch.use_deterministic_algorithms(True); needed for bitwise-repeatable CUDA runs "
                              "(the CPU path is deterministic for a given seed and thread count anyway)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (epoch summary lines only)")
-    group = parser.add_argument_group("method hyperparameters (only for their mode)")
-    add_config_flags(group, *(n for n, k in config.KEYS.items() if k.mode is not None))
+    add_config_flags(parser.add_argument_group("method hyperparameters (only for their mode)"),
+                     *(n for n, k in config.KEYS.items() if k.mode is not None))
 
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise QuantError("--device cuda requested but CUDA is not available; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -107,14 +96,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def run_main(main, on_interrupt=None) -> None:
     """Run `main()`; a QuantError or OSError -> one stderr line + its exit code (2; 3 for a diverged run),
     SIGINT/SIGTERM -> message + exit 130."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
     try:
         main()
     except KeyboardInterrupt:

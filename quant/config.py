@@ -1,11 +1,8 @@
 """The run configuration: every hyperparameter declared once, in `KEYS`, and the config built from it.
 
-Each `Key` holds a name, its default (one value, or one per mode), type and range, help text, whether the
-tuner may search it and which mode it belongs to (None: a training knob of every mode). The command-line
-flags and their help (quant/cli.py), config validation (`validate`), the tuner's keys (`tunable_keys`) and a
-tuned config's loading (`resolve`) all read this table; library functions take every value explicitly.
-
-A config is a flat dict of the training keys plus "mode" and "hyperparams" (the mode's own keys):
+The command-line flags and their help (quant/cli.py), config validation (`validate`), the tuner's keys
+(`tunable_keys`) and a tuned config's merging (`resolve`) all read this table; library functions take every
+value explicitly. A config is a flat dict of the training keys plus "mode" and "hyperparams" (the mode's own):
 
     {"mode": "ttq", "lr": 0.01, "batch_size": 64, ..., "keep_fp": [], "hyperparams": {"t": 0.05, ...}}
 """
@@ -26,13 +23,10 @@ KEEP_FP_ALIASES = {"first": "conv1", "last": "fc2"}
 
 def parse_keep_fp(spec) -> list[str]:
     """'first,last' / 'conv1,fc2' (or a list of names) -> layer names kept in full precision, in forward order."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
-    names = []
-    for item in filter(None, (str(s).strip() for s in items)):
-        name = KEEP_FP_ALIASES.get(item, item)
-        if name not in QUANT_LAYERS:
-            raise ConfigError(f"keep_fp: unknown layer {item!r} (choose from first, last, {', '.join(QUANT_LAYERS)})")
-        names.append(name)
+    items = (str(s).strip() for s in (spec.split(",") if isinstance(spec, str) else spec or []))
+    names = [KEEP_FP_ALIASES.get(item, item) for item in items if item]
+    for name in (n for n in names if n not in QUANT_LAYERS):
+        raise ConfigError(f"keep_fp: unknown layer {name!r} (choose from first, last, {', '.join(QUANT_LAYERS)})")
     return [n for n in QUANT_LAYERS if n in names]
 
 
@@ -101,7 +95,8 @@ def _in_range(number: float, spec: str) -> bool:
         low = float(spec.lstrip(">="))
         return number >= low if spec.startswith(">=") else number > low
     low, high = (float(s) for s in spec[1:-1].split(","))
-    return (low <= number if spec[0] == "[" else low < number) and (number <= high if spec[-1] == "]" else number < high)
+    above = low <= number if spec[0] == "[" else low < number
+    return above and (number <= high if spec[-1] == "]" else number < high)
 
 
 def check(key: Key, value):
@@ -121,9 +116,7 @@ def check(key: Key, value):
     if key.type not in (int, float):
         return key.type(value)
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = float(value)
+        number = float(None if isinstance(value, bool) else value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{value!r} is not {'an integer' if key.type is int else 'a number'}") from None
     if not math.isfinite(number):
@@ -135,42 +128,36 @@ def check(key: Key, value):
     return int(number) if key.type is int else number
 
 
-def convert(key: Key, value):
-    """`check` with the key's name in the error: ConfigError("lr: must be > 0, got -1")."""
-    try:
-        return check(key, value)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"{key.name}: {e}") from None
-
-
 def checked_mode(mode: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
     return mode
 
 
-def key_of(mode: str, name: str) -> Key:
-    """The table's key `name`, if `mode` has it; ConfigError otherwise (naming the valid keys)."""
+def validate(mode: str, name: str, value):
+    """`value` checked and converted for key `name` of `mode`; a ConfigError names the key ("lr: must be > 0")."""
     key = KEYS.get(name)
-    checked_mode(mode)
-    if key is not None and key.mode not in (None, mode):
+    if key is not None and key.mode not in (None, checked_mode(mode)):
         raise ConfigError(f"{flags(key)[0]} (a hyperparameter of --mode {key.mode}) does not apply to --mode {mode}")
     if key is None:
-        valid = [k for k, spec in KEYS.items() if spec.mode in (None, mode)]
+        valid = [k for k, spec in KEYS.items() if spec.mode in (None, checked_mode(mode))]
         raise ConfigError(f"mode {mode} has no key {name!r} (valid: {', '.join(valid)})")
-    return key
-
-
-def validate(mode: str, name: str, value):
-    """`value` checked and converted for key `name` of `mode`."""
-    return convert(key_of(mode, name), value)
+    try:
+        return check(key, value)
+    except ConfigError:  # parse_keep_fp's message names the key already
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
 
 
 def tunable_keys(mode: str) -> list[str]:
     """Keys the tuner may search for `mode`: the tunable training knobs, then the mode's own hyperparameters."""
     return [name for name, key in KEYS.items() if key.tunable and key.mode in (None, checked_mode(mode))]
+
+
+def knobs(config: dict) -> dict:
+    """The tunable part of a config (what a tuned config sets): training knobs and method hyperparameters."""
+    return {**{k: config[k] for k in tunable_keys("fp")}, "hyperparams": dict(config["hyperparams"])}
 
 
 def hyperparams(mode: str) -> dict:
@@ -185,8 +172,8 @@ def default_config(mode: str, **overrides) -> dict:
               "hyperparams": hyperparams(mode)}
     for name, value in {**overrides, **overrides.get("hyperparams", {})}.items():
         if name != "hyperparams":
-            key = key_of(mode, name)
-            (config["hyperparams"] if key.mode else config)[name] = convert(key, value)
+            value = validate(mode, name, value)
+            (config["hyperparams"] if KEYS[name].mode else config)[name] = value
     return config
 
 
@@ -210,9 +197,8 @@ def resolve(mode: str, given: dict, base: dict | None = None) -> dict:
 def describe_default(key: Key) -> str:
     """The default as help text shows it ("fp 0.003, twn 0.003, ..." where each mode has its own)."""
     def show(v):
-        if isinstance(v, bool):
-            return "on" if v else "off"
-        return "all" if v is None else "none" if v in ("", []) else f"{v:g}" if isinstance(v, float) else str(v)
+        return ({True: "on", False: "off"}[v] if isinstance(v, bool) else "all" if v is None else
+                "none" if v == [] else f"{v:g}" if isinstance(v, float) else str(v))
 
     if isinstance(key.default, dict):
         return ", ".join(f"{m} {show(v)}" for m, v in key.default.items())

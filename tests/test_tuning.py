@@ -21,6 +21,7 @@ import torch
 import tune_hyperparams
 from conftest import call_script, start_script, stop, wait_for_line
 from quant import runs, tuning
+from quant.config import default_config
 from quant.model import LeNet5
 
 VAL = 64  # of the 512 synthetic training images
@@ -290,8 +291,8 @@ def test_values_are_normalised_so_equal_configs_share_a_key():
     grid = tuning.build_grids(["twn"], {"lr": ["1e-3", 0.001, 3e-3], "batch_size": ["64", 64.0],
                                         "per_channel": ["true", True, "0"]})["twn"]
     assert grid == {"lr": [0.001, 0.003], "batch_size": [64], "delta_factor": [0.5, 0.7, 0.9], "per_channel": [True, False]}
-    a, b = tuning.expand("fp", {"lr": [0.001]}, {"seed": 0}), tuning.expand("fp", {"lr": [1e-3]}, {"seed": 0})
-    assert tuning.trial_key(a[0]) == tuning.trial_key(dict(reversed(list(b[0].items()))))
+    a, b = tuning.trial_config("fp", {"lr": 0.001}, {"seed": 0}), tuning.trial_config("fp", {"lr": "1e-3"}, {"seed": 0})
+    assert tuning.trial_key(a) == tuning.trial_key(dict(reversed(list(b.items()))))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -374,21 +375,18 @@ SUMMARY_BUDGET = {"epochs": 1, "train_subset": 20000, "val_size": 5000, "seed": 
 
 def scored_fp_trials(default_acc, other_acc):
     """Two recorded FP trials: the defaults (lr 3e-3, batch 128) and lr 1e-2, with the given accuracies."""
-    configs = tuning.expand("fp", {"lr": [3e-3, 1e-2], "batch_size": [128]}, SUMMARY_BUDGET)
-    assert tuning.is_default(configs[0]) and not tuning.is_default(configs[1])
+    configs = [tuning.trial_config("fp", {"lr": lr, "batch_size": 128}, SUMMARY_BUDGET) for lr in (3e-3, 1e-2)]
+    assert [tuning.knobs(c) == tuning.knobs(default_config("fp")) for c in configs] == [True, False]
     return [{"config": c, "val_acc": acc, "val_loss": 0.05, "seed": 0} for c, acc in zip(configs, (default_acc, other_acc))]
-
-
-def test_standard_error_is_binomial():
-    assert tuning.standard_error(98.0, 5000) == pytest.approx(100 * math.sqrt(0.98 * 0.02 / 5000))  # 0.198 points
-    assert tuning.standard_error(100.0, 5000) == 0.0
 
 
 def test_defaults_are_kept_when_the_best_is_within_one_standard_error():
     entry = tuning.summarize(scored_fp_trials(97.96, 98.10), SUMMARY_BUDGET)  # 0.14 < 0.19 points apart
     assert entry["choice"] == "defaults" and entry["config"]["lr"] == 3e-3 and entry["val_acc"] == 97.96
     assert entry["best"]["config"]["lr"] == 1e-2 and entry["best"]["val_acc"] == 98.10
-    assert entry["defaults_val_acc"] == 97.96 and entry["standard_error"] == pytest.approx(0.1931, abs=1e-4)  # at 98.10 %
+    # the binomial standard error at the best trial's 98.10 % on 5,000 images: 0.1931 points
+    assert entry["defaults_val_acc"] == 97.96 and entry["standard_error"] == pytest.approx(100 * math.sqrt(0.981 * 0.019 / 5000))
+    assert entry["standard_error"] == pytest.approx(0.1931, abs=1e-4)
 
 
 def test_a_config_that_beats_the_defaults_by_more_than_one_standard_error_wins():
