@@ -94,7 +94,7 @@ def fold_batch_norm(export: dict, network) -> tuple[dict, list]:
             continue
         layer_op = ops[-1]
         s, t = bn_affine(*(floats.pop(op[k]) for k in _OP_TENSORS["batch_norm"]), op["eps"])
-        layer = _layer_of(layer_op["weight"])
+        layer = layer_op["weight"].removesuffix(".weight")  # export layers: "conv1"
         if layer in ternary:
             entry = ternary[layer]
             codes, w_p, w_n = fold_ternary(entry["codes"], entry["w_p"], entry["w_n"], s)
@@ -106,11 +106,6 @@ def fold_batch_norm(export: dict, network) -> tuple[dict, list]:
         b = floats[layer_op["bias"]].double() if layer_op["bias"] in floats else torch.zeros_like(s)
         floats[layer_op["bias"]] = (s * b + t).float()
     return {"ternary": ternary, "float": floats}, ops
-
-
-def _layer_of(weight_name: str) -> str:
-    """Export layer name of a weight tensor ("conv1.weight" -> "conv1"), as quant/export.py keys them."""
-    return weight_name.removesuffix(".weight")
 
 
 def _tensor_names(network) -> list[str]:
@@ -178,7 +173,7 @@ def deployed_layers(export: dict, fold_bn: bool = True) -> tuple[dict, list]:
     """The export and LeNet-5 network as stored (BN folded if asked), checked: every tensor present, no foreign
     ternary layer, scales of 1 or O values."""
     network = [dict(op) for op in LENET5_NETWORK]
-    weight_layers = {op["weight"]: _layer_of(op["weight"]) for op in network if op["op"] in ("conv2d", "linear")}
+    weight_layers = {op["weight"]: op["weight"].removesuffix(".weight") for op in network if op["op"] in ("conv2d", "linear")}
     missing = [name for name in _tensor_names(network)
                if name not in export["float"] and weight_layers.get(name) not in export["ternary"]]
     if missing:
@@ -206,9 +201,10 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
     if float_dtype not in FLOAT_DTYPES:
         raise DeployFormatError(f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
     export, network = deployed_layers(export, fold_bn)
-    ternary_of = lambda name: export["ternary"].get(_layer_of(name)) if name.endswith(".weight") else None
-    shape_of = lambda name: list((ternary_of(name) or {}).get("codes", export["float"].get(name)).shape)
-    patches = code_patches(network, INPUT_SHAPE, shape_of)
+    ternary = {f"{layer}.weight": entry for layer, entry in export["ternary"].items()}
+    shapes = {**{name: list(t.shape) for name, t in export["float"].items()},
+              **{name: list(entry["codes"].shape) for name, entry in ternary.items()}}
+    patches = code_patches(network, INPUT_SHAPE, shapes.get)
     records, blocks = {"ternary": [], "float": []}, []
 
     def add(kind: str, record: dict, block: bytes):
@@ -223,7 +219,7 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
         add("float", {"name": name, "shape": list(array.shape), "dtype": dtype}, array.tobytes())
 
     for name in _tensor_names(network):
-        entry, layer = ternary_of(name), _layer_of(name)
+        entry, layer = ternary.get(name), name.removesuffix(".weight")
         if entry is None:
             add_float(name, export["float"][name], float_dtype)
             continue

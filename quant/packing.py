@@ -19,6 +19,11 @@ class PackingError(QuantError, ValueError):
     """Codes outside {-1, 0, +1}, or packed bytes that are not a valid encoding of the given shape."""
 
 
+def _need(ok, message: str):
+    if not ok:
+        raise PackingError(message)
+
+
 def as_codes(codes) -> np.ndarray:
     """An int tensor/ndarray as a numpy int8 array of the same shape, checking every value is -1, 0 or +1."""
     a = np.asarray(codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else codes)
@@ -72,14 +77,12 @@ class FixedRate:
 
     def decode(self, data: bytes, shape) -> np.ndarray:
         b, n = np.frombuffer(data, dtype=np.uint8), math.prod(shape)
-        if b.size != self.nbytes(n):
-            raise PackingError(f"{self.name} block holds {b.size} bytes, {n} codes need {self.nbytes(n)}")
+        _need(b.size == self.nbytes(n), f"{self.name} block holds {b.size} bytes, {n} codes need {self.nbytes(n)}")
         bad = np.flatnonzero(~self.valid[b])
         if bad.size:
             raise PackingError(f"invalid {self.name} byte 0x{b[bad[0]]:02x} at byte {bad[0]}")
         fields = self.fields[b].reshape(-1)
-        if fields[n:].any():
-            raise PackingError(f"non-zero padding after the last {self.name} code")
+        _need(not fields[n:].any(), f"non-zero padding after the last {self.name} code")
         return self.code_of[fields[:n]].reshape(shape)
 
 
@@ -169,29 +172,24 @@ def unpack_entropy(data: bytes, shape) -> np.ndarray:
     b = np.frombuffer(data, dtype=np.uint8)
     rows, n = int(shape[0]), math.prod(shape)
     row_len = n // rows
-    if b.size < _HEADER:
-        raise PackingError(f"entropy block of {b.size} bytes is shorter than its {_HEADER}-byte header")
+    _need(b.size >= _HEADER, f"entropy block of {b.size} bytes is shorter than its {_HEADER}-byte header")
     k, height, width, lanes = int(b[0]), int(b[1]), int(b[2]), int(b[3]) | int(b[4]) << 8
-    if not 1 <= k <= min(MAX_CLASSES, rows):
-        raise PackingError(f"{k} row classes for {rows} rows (1 to {min(MAX_CLASSES, rows)})")
-    if not (height and width and row_len % (height * width) == 0):
-        raise PackingError(f"patch {height}x{width} does not tile rows of {row_len} codes")
-    if not (lanes and rows % lanes == 0 and n // lanes <= MAX_STEPS):
-        raise PackingError(f"{lanes} lanes for {rows} rows of {row_len} codes: the lane count must divide the "
-                           f"rows and leave at most {MAX_STEPS} codes per lane")
+    _need(1 <= k <= min(MAX_CLASSES, rows), f"{k} row classes for {rows} rows (1 to {min(MAX_CLASSES, rows)})")
+    _need(height and width and row_len % (height * width) == 0,
+          f"patch {height}x{width} does not tile rows of {row_len} codes")
+    _need(lanes and rows % lanes == 0 and n // lanes <= MAX_STEPS, f"{lanes} lanes for {rows} rows of {row_len} "
+          f"codes: the lane count must divide the rows and leave at most {MAX_STEPS} codes per lane")
     class_bits = (k - 1).bit_length()
     class_end = _HEADER + 32 * k + -(-class_bits * rows // 8)
     body = class_end + STATE_BYTES * lanes
-    if b.size < body:
-        raise PackingError(f"entropy block of {b.size} bytes is shorter than its {body}-byte header")
+    _need(b.size >= body, f"entropy block of {b.size} bytes is shorter than its {body}-byte header")
     t2 = b[_HEADER:_HEADER + 32 * k].reshape(k, 16, 2).astype(np.int64)
-    if (t2 == 0).any() or (t2.sum(-1) > 255).any():
-        raise PackingError("entropy table holds a zero frequency")
+    _need((t2 > 0).all() and (t2.sum(-1) <= 255).all(), "entropy table holds a zero frequency")
     tables = np.concatenate([t2, 256 - t2.sum(-1, keepdims=True)], -1)  # [K, 16, 3]
     bits = np.unpackbits(b[_HEADER + 32 * k:class_end], bitorder="little")
     classes = (bits[:class_bits * rows].reshape(rows, class_bits).astype(np.int64) << np.arange(class_bits)).sum(1)
-    if (classes >= k).any() or bits[class_bits * rows:].any():
-        raise PackingError(f"row class outside 0..{k - 1}, or non-zero padding after the row classes")
+    _need((classes < k).all() and not bits[class_bits * rows:].any(),
+          f"row class outside 0..{k - 1}, or non-zero padding after the row classes")
     # decode tables indexed by 256 * (16 class + context) + slot: symbol, frequency, slot - cumulative frequency
     slot = np.arange(256)
     symbol = (slot >= tables[..., :1]).astype(np.int64) + (slot >= tables[..., :1] + tables[..., 1:2])
@@ -199,8 +197,7 @@ def unpack_entropy(data: bytes, shape) -> np.ndarray:
     bias = (slot - np.take_along_axis(np.cumsum(tables, -1) - tables, symbol, -1)).reshape(-1)
     symbol = symbol.reshape(-1)
     x = (b[class_end:body].reshape(lanes, STATE_BYTES).astype(np.int64) << (8 * np.arange(STATE_BYTES))).sum(1)
-    if (x < RANS_LOW).any():
-        raise PackingError(f"rANS lane state below {RANS_LOW}")
+    _need((x >= RANS_LOW).all(), f"rANS lane state below {RANS_LOW}")
     stream, pos, steps, patch_len = b[body:], 0, n // lanes, height * width
     lane_rows = np.arange(lanes) * (rows // lanes)
     out = np.empty((steps, lanes), np.int64)
@@ -215,12 +212,11 @@ def unpack_entropy(data: bytes, shape) -> np.ndarray:
         need = x < RANS_LOW
         m = int(np.count_nonzero(need))
         if m:
-            if pos + m > stream.size:
-                raise PackingError("rANS stream ends before the last code")
+            _need(pos + m <= stream.size, "rANS stream ends before the last code")
             x[need] = (x[need] << 8) | stream[pos:pos + m]
             pos += m
-    if pos != stream.size or (x != RANS_LOW).any():
-        raise PackingError("rANS stream does not end where its codes do (corrupt or extended block)")
+    _need(pos == stream.size and (x == RANS_LOW).all(),
+          "rANS stream does not end where its codes do (corrupt or extended block)")
     return (out.T.reshape(shape) - 1).astype(np.int8)
 
 
