@@ -173,7 +173,8 @@ def deployed_layers(export: dict, fold_bn: bool = True) -> tuple[dict, list]:
     """The export and LeNet-5 network as stored (BN folded if asked), checked: every tensor present, no foreign
     ternary layer, scales of 1 or O values."""
     network = [dict(op) for op in LENET5_NETWORK]
-    weight_layers = {op["weight"]: op["weight"].removesuffix(".weight") for op in network if op["op"] in ("conv2d", "linear")}
+    weight_layers = {op["weight"]: op["weight"].removesuffix(".weight")
+                     for op in network if op["op"] in ("conv2d", "linear")}
     missing = [name for name in _tensor_names(network)
                if name not in export["float"] and weight_layers.get(name) not in export["ternary"]]
     if missing:

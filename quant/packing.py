@@ -162,8 +162,8 @@ def pack_entropy(codes, patch=(1, 1)) -> bytes:
     class_ids = np.unpackbits(classes.astype("<u2").view(np.uint8).reshape(rows, 2), axis=1, bitorder="little")
     class_ids = np.packbits(class_ids[:, :(k - 1).bit_length()].reshape(-1), bitorder="little")
     states = (x[:, None] >> (8 * np.arange(STATE_BYTES))) & 255
-    return b"".join([bytes([k, height, width]), lanes.to_bytes(2, "little"),
-                     tables[:, :, :2].astype(np.uint8).tobytes(), class_ids.tobytes(), states.astype(np.uint8).tobytes(),
+    header = [bytes([k, height, width]), lanes.to_bytes(2, "little"), tables[:, :, :2].astype(np.uint8).tobytes()]
+    return b"".join([*header, class_ids.tobytes(), states.astype(np.uint8).tobytes(),
                      (np.concatenate(out[::-1]) & 255).astype(np.uint8).tobytes()])
 
 
