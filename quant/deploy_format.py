@@ -68,6 +68,11 @@ class DeployFormatError(QuantError, ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+def _need(ok, message: str):
+    if not ok:
+        raise DeployFormatError(message)
+
+
 # ---------------------------------------------------------------- BN folding (docs section 5)
 
 def bn_affine(gamma, beta, mean, var, eps: float = BN_EPS):
@@ -177,16 +182,13 @@ def deployed_layers(export: dict, fold_bn: bool = True) -> tuple[dict, list]:
                      for op in network if op["op"] in ("conv2d", "linear")}
     missing = [name for name in _tensor_names(network)
                if name not in export["float"] and weight_layers.get(name) not in export["ternary"]]
-    if missing:
-        raise DeployFormatError(f"cannot pack: the export lacks {', '.join(missing)}")
+    _need(not missing, f"cannot pack: the export lacks {', '.join(missing)}")
     for layer, entry in export["ternary"].items():
         groups, out_channels = entry["w_p"].numel(), entry["codes"].shape[0]
-        if groups not in (1, out_channels) or entry["w_n"].numel() != groups:
-            raise DeployFormatError(f"cannot pack {layer}: {groups} / {entry['w_n'].numel()} scales "
-                                    f"for {out_channels} output channels")
+        _need(groups in (1, out_channels) and entry["w_n"].numel() == groups,
+              f"cannot pack {layer}: {groups} / {entry['w_n'].numel()} scales for {out_channels} output channels")
     unused = set(export["ternary"]) - set(weight_layers.values())
-    if unused:
-        raise DeployFormatError(f"cannot pack: ternary layers {sorted(unused)} are not in the LeNet-5 network")
+    _need(not unused, f"cannot pack: ternary layers {sorted(unused)} are not in the LeNet-5 network")
     return fold_batch_norm(export, network) if fold_bn else (export, network)
 
 
@@ -199,8 +201,7 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
         codec = get_codec(encoding)
     except PackingError as e:
         raise DeployFormatError(str(e)) from None
-    if float_dtype not in FLOAT_DTYPES:
-        raise DeployFormatError(f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
+    _need(float_dtype in FLOAT_DTYPES, f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
     export, network = deployed_layers(export, fold_bn)
     ternary = {f"{layer}.weight": entry for layer, entry in export["ternary"].items()}
     shapes = {**{name: list(t.shape) for name, t in export["float"].items()},
@@ -215,8 +216,7 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
     def add_float(name: str, tensor: torch.Tensor, dtype: str):
         with np.errstate(over="ignore"):  # overflow to inf is reported just below
             array = tensor.detach().cpu().numpy().astype(FLOAT_DTYPES[dtype])
-        if not np.isfinite(array).all():
-            raise DeployFormatError(f"cannot pack {name}: non-finite values as {dtype}")
+        _need(np.isfinite(array).all(), f"cannot pack {name}: non-finite values as {dtype}")
         add("float", {"name": name, "shape": list(array.shape), "dtype": dtype}, array.tobytes())
 
     for name in _tensor_names(network):
@@ -250,21 +250,18 @@ def unpack(data: bytes) -> tuple[dict, dict]:
     """Verify and decode a deployment file: (manifest, {name: tensor}); codes as int8 tensors of their layer's
     shape, floats in their stored dtype."""
     data = bytes(data)
-    if not _HEADER.size + _DIGEST_BYTES <= len(data) <= MAX_FILE_BYTES:
-        raise DeployFormatError(f"{len(data)} bytes is not the size of a ternary deployment file "
-                                f"({_HEADER.size + _DIGEST_BYTES} to {MAX_FILE_BYTES})")
+    _need(_HEADER.size + _DIGEST_BYTES <= len(data) <= MAX_FILE_BYTES, f"{len(data)} bytes is not the size of a "
+          f"ternary deployment file ({_HEADER.size + _DIGEST_BYTES} to {MAX_FILE_BYTES})")
     magic, version, manifest_len = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise DeployFormatError(f"bad magic {magic!r} (expected {MAGIC!r}): not a ternary deployment file")
-    if hashlib.sha256(data[:-_DIGEST_BYTES]).digest() != data[-_DIGEST_BYTES:]:
-        raise DeployFormatError(f"SHA-256 mismatch over {len(data)} bytes: the file is corrupt, truncated or extended")
-    if version != VERSION:
-        raise DeployFormatError(f"format version {version} " + (
-            f"is newer than this reader (version {VERSION}); update the code to read it" if version > VERSION
-            else f"is no longer read (this reader handles {VERSION}); pack the checkpoint again"))
+    _need(magic == MAGIC, f"bad magic {magic!r} (expected {MAGIC!r}): not a ternary deployment file")
+    _need(hashlib.sha256(data[:-_DIGEST_BYTES]).digest() == data[-_DIGEST_BYTES:],
+          f"SHA-256 mismatch over {len(data)} bytes: the file is corrupt, truncated or extended")
+    _need(version <= VERSION, f"format version {version} is newer than this reader (version {VERSION}); update the "
+          "code to read it")
+    _need(version == VERSION, f"format version {version} is no longer read (this reader handles {VERSION}); pack "
+          "the checkpoint again")
     start = _HEADER.size + manifest_len
-    if start > len(data) - _DIGEST_BYTES:
-        raise DeployFormatError(f"manifest length {manifest_len} runs past the end of the file")
+    _need(start <= len(data) - _DIGEST_BYTES, f"manifest length {manifest_len} runs past the end of the file")
     manifest, payload = parse_manifest(data[_HEADER.size:start]), data[start:-_DIGEST_BYTES]
     records = _check_manifest(manifest, len(payload))
     tensors = {}
@@ -277,8 +274,7 @@ def unpack(data: bytes) -> tuple[dict, dict]:
         tensors[rec["name"]] = torch.from_numpy(codes.copy())
     for rec in manifest["float"]:
         array = np.frombuffer(payload, FLOAT_DTYPES[rec["dtype"]], math.prod(rec["shape"]), rec["offset"])
-        if not np.isfinite(array).all():
-            raise DeployFormatError(f"{rec['name']}: non-finite values")
+        _need(np.isfinite(array).all(), f"{rec['name']}: non-finite values")
         tensors[rec["name"]] = torch.from_numpy(array.copy()).reshape(rec["shape"])
     assert tensors.keys() == records.keys()
     return manifest, tensors
@@ -295,10 +291,8 @@ def parse_manifest(body: bytes):
         text = inflater.decompress(body, MAX_MANIFEST_BYTES + 1)
     except zlib.error as e:
         raise DeployFormatError(f"manifest is not zlib-compressed ({e})") from None
-    if len(text) > MAX_MANIFEST_BYTES:
-        raise DeployFormatError(f"manifest inflates past {MAX_MANIFEST_BYTES} bytes")
-    if not inflater.eof or inflater.unused_data:
-        raise DeployFormatError("manifest's zlib stream is truncated or followed by other bytes")
+    _need(len(text) <= MAX_MANIFEST_BYTES, f"manifest inflates past {MAX_MANIFEST_BYTES} bytes")
+    _need(inflater.eof and not inflater.unused_data, "manifest's zlib stream is truncated or followed by other bytes")
     try:  # a float literal beyond the double range parses to inf
         return json.loads(text.decode("utf-8"), parse_constant=_reject,
                           parse_float=lambda t: float(t) if math.isfinite(float(t)) else _reject(t))
@@ -320,9 +314,7 @@ def _is_number(value, low=-math.inf) -> bool:  # > low; parse_manifest has alrea
 def _check_manifest(manifest, payload_len: int) -> dict:
     """{name: record} of every stored block; DeployFormatError unless the manifest describes exactly this payload
     and a runnable network (docs sections 2, 5 and 6)."""
-    def need(ok, message):
-        if not ok:
-            raise DeployFormatError(f"bad manifest: {message}")
+    need = lambda ok, message: _need(ok, f"bad manifest: {message}")
 
     def need_keys(obj, keys, what: str):
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
@@ -409,10 +401,8 @@ def _check_manifest(manifest, payload_len: int) -> dict:
     need(not (manifest["bn_folded"] and any(op["op"] == "batch_norm" for op in network)),
          "bn_folded is true but the network has batch_norm ops")
     need(used >= set(records), f"blocks {sorted(set(records) - used)} are read by nothing")
-    shapes = trace_shapes(network, spec["shape"], lambda name: records[name]["shape"])
-    if shapes[-1] != [NUM_CLASSES]:
-        raise DeployFormatError(f"network ends in shape [N, {', '.join(map(str, shapes[-1]))}], "
-                                f"not [N, {NUM_CLASSES}] logits")
+    out = trace_shapes(network, spec["shape"], lambda name: records[name]["shape"])[-1]
+    _need(out == [NUM_CLASSES], f"network ends in shape [N, {', '.join(map(str, out))}], not [N, {NUM_CLASSES}] logits")
     return records
 
 
@@ -470,8 +460,7 @@ def load_inference(source) -> functools.partial:
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise DeployFormatError(f"{source}: larger than {MAX_FILE_BYTES} bytes, not a ternary deployment file")
+        _need(len(data) <= MAX_FILE_BYTES, f"{source}: larger than {MAX_FILE_BYTES} bytes, not a deployment file")
     manifest, tensors = unpack(data)
     return functools.partial(forward, manifest["network"], dequantized_weights(manifest, tensors),
                              tuple(manifest["input"]["shape"]))
