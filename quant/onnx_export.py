@@ -34,6 +34,9 @@ def to_onnx(manifest: dict, tensors: dict) -> bytes:
         nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
+    def vector(name):
+        return const(name, tensors[name].float().numpy())
+
     def scale(name):  # [1] -> scalar (per-tensor), [O] stays (per-channel, axis 0)
         value = tensors[name].float().numpy()
         return const(name, value.reshape(()) if value.size == 1 else value)
@@ -41,7 +44,7 @@ def to_onnx(manifest: dict, tensors: dict) -> bytes:
     def weight(name):
         rec = next((r for r in manifest["ternary"] if r["name"] == name), None)
         if rec is None:
-            return const(name, tensors[name].float().numpy())
+            return vector(name)
         codes = const(f"{name}.codes", tensors[name].numpy().astype(np.int8))
         zero = const(f"{name}.zero_point", np.zeros(rec["shape"][0] if tensors[rec["w_p"]].numel() > 1 else (),
                                                     np.int8))
@@ -52,9 +55,6 @@ def to_onnx(manifest: dict, tensors: dict) -> bytes:
         return node("Add", [node("DequantizeLinear", [pos, scale(rec["w_p"]), zero], f"{name}.w_p_part", axis=0),
                             node("DequantizeLinear", [neg, scale(rec["w_n"]), zero], f"{name}.w_n_part", axis=0)],
                     name)
-
-    def vector(name):
-        return const(name, tensors[name].float().numpy())
 
     x = node("Cast", ["pixels"], "pixels_float", to=TensorProto.FLOAT)
     x = node("Div", [x, const("divisor", np.float32(spec["divisor"]))], "scaled")
