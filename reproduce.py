@@ -12,6 +12,7 @@ Example:
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,11 @@ def parse_args():
     parser.add_argument("--skip-checksum", action="store_true", help="accept non-MNIST IDX files (synthetic test data)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto = cuda if available (default: auto)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="runs trained side by side in separate processes (default: one per CPU core on the "
+                             "CPU, 1 on a GPU)")
     parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice, one per core)")
+                        help="torch CPU threads per run (default: CPU cores // workers)")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: results (--quick: results/quick)")
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="default: checkpoints")
     parser.add_argument("--reuse", action="store_true",
@@ -58,12 +62,13 @@ def parse_args():
 def main():
     start = time.perf_counter()
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    workers = args.workers or (1 if device.type == "cuda" else os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // workers))
     given = {k: v for k, v in {"seeds": args.seeds, "epochs": args.epochs, "train_subset": args.train_subset,
                                "results_dir": args.results_dir}.items() if v is not None}
-    common = {"modes": args.modes, "val_size": args.val_size, "precision": args.precision, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
-              "verify_checksum": not args.skip_checksum, "device": pick_device(args.device), "reuse": args.reuse,
+    common = {"modes": args.modes, "val_size": args.val_size, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
+              "verify_checksum": not args.skip_checksum, "device": device, "reuse": args.reuse, "workers": workers,
               "precision": args.precision, "progress": not args.no_progress}
     plan = Plan.quick(**given, **common) if args.quick else Plan(**given, **common)
     if args.quick:

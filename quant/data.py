@@ -58,19 +58,17 @@ def read_idx(path: Path, magic: int, dims: tuple, count: int | None, sha256: str
     """Decode one IDX file (raw or gzip) into a uint8 array after checking magic, shape, length and SHA-256."""
     try:
         raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: corrupt deflate stream
         raise DataError(f"{path}: cannot read ({e}); {HINT}") from None
     ndim = 1 + len(dims)
     if len(raw) < 4 + 4 * ndim:
         raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes); {HINT}")
-    (found_magic,) = struct.unpack(">i", raw[:4])
+    found_magic, *shape = struct.unpack(f">{1 + ndim}i", raw[:4 + 4 * ndim])
     if found_magic != magic:
         raise DataError(f"{path}: wrong IDX magic 0x{found_magic:08x}, expected 0x{magic:08x}; {HINT}")
-    shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
     if tuple(shape[1:]) != tuple(dims) or (count is not None and shape[0] != count):
-        raise DataError(f"{path}: IDX shape {shape}, expected ({count or 'N'}, {', '.join(map(str, dims))}); {HINT}")
+        raise DataError(f"{path}: IDX shape {tuple(shape)}, expected ({count or 'N'}, {', '.join(map(str, dims))}); {HINT}")
     body = raw[4 + 4 * ndim:]
     if len(body) != int(np.prod(shape)):
         raise DataError(f"{path}: truncated or padded IDX data ({len(body)} bytes, expected {int(np.prod(shape))}); {HINT}")
@@ -132,23 +130,18 @@ def load_mnist(data_dir="data", val_size: int = 0, split_seed: int = 0, train_su
                                         sha if verify_checksum else None)
         digests.append(digest)
     if test_only:
-        arrays["train-images-idx3-ubyte"] = np.zeros((0, 28, 28), np.uint8)
-        arrays["train-labels-idx1-ubyte"] = np.zeros(0, np.uint8)
+        arrays.update({"train-images-idx3-ubyte": np.zeros((0, 28, 28), np.uint8), "train-labels-idx1-ubyte": np.zeros(0, np.uint8)})
         val_size = 0
     for split in ("train", "t10k"):
         if len(arrays[f"{split}-images-idx3-ubyte"]) != len(arrays[f"{split}-labels-idx1-ubyte"]):
             raise DataError(f"{data_dir}: {split} images and labels differ in count; {HINT}")
     images, labels = normalise(arrays["train-images-idx3-ubyte"]), torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64))
     train_idx, val_idx = split_indices(len(labels), val_size, split_seed)
-    if train_subset is not None:
-        train_idx = train_idx[:train_subset]
-    return MNIST(
-        train_x=images[train_idx], train_y=labels[train_idx],
-        val_x=images[val_idx], val_y=labels[val_idx],
-        test_x=normalise(arrays["t10k-images-idx3-ubyte"]),
-        test_y=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
-        checksum=hashlib.sha256("".join(digests).encode()).hexdigest(),
-    )
+    train_idx = train_idx[:train_subset] if train_subset is not None else train_idx
+    return MNIST(train_x=images[train_idx], train_y=labels[train_idx], val_x=images[val_idx], val_y=labels[val_idx],
+                 test_x=normalise(arrays["t10k-images-idx3-ubyte"]),
+                 test_y=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
+                 checksum=hashlib.sha256("".join(digests).encode()).hexdigest())
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
@@ -163,11 +156,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.
         stop = min(start + batch_size, n)
         if stop - start < 2 and generator is not None:
             break
-        if order is None:
-            yield x[start:stop], y[start:stop]
-        else:
-            idx = order[start:stop]
-            yield x[idx], y[idx]
+        idx = slice(start, stop) if order is None else order[start:stop]
+        yield x[idx], y[idx]
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

@@ -3,6 +3,7 @@ against the checkpoint and tabulate their sizes: `pack_and_verify`, behind deplo
 reproduce.py."""
 import csv
 import io
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -105,12 +106,15 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
 
 def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, onnx: bool = False, fold_bn: bool = True,
                     float_dtype: str = "fp32", results_dir: Path | None = None, command: str = "",
-                    show=lambda summary: None) -> dict:
+                    show=lambda summary: None, map_fn=map) -> dict:
     """Pack every checkpoint in `paths`, verify (with `mnist`), write deployment.json (nested) and deployment.csv
-    (a row per layer and total, checkpoint columns repeated) into results_dir. `show(summary)` is called once per
-    packed checkpoint. Returns {"checkpoints": packed, "not_packed": checkpoints without ternary layers}; then
-    raises PackError if any verified file's predictions differ from its checkpoint's."""
-    summaries = [pack_checkpoint(Path(p), encodings, mnist, fold_bn, float_dtype, onnx) for p in paths]
+    (a row per layer and total, checkpoint columns repeated) into results_dir. `map_fn` runs pack_checkpoint over
+    the paths (a process pool's map packs them side by side); `show(summary)` is called once per packed checkpoint.
+    Returns {"checkpoints": packed, "not_packed": checkpoints without ternary layers}; then raises PackError if
+    any verified file's predictions differ from its checkpoint's."""
+    job = partial(pack_checkpoint, encodings=encodings, mnist=mnist, fold_bn=fold_bn, float_dtype=float_dtype,
+                  onnx=onnx)
+    summaries = list(map_fn(job, [Path(p) for p in paths]))
     packed, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
     for s in packed:
         show(s)

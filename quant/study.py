@@ -15,14 +15,17 @@ Everything plots and the report need lands in the results folder, so they never 
 `quick=True` (one seed, 5,000 training images, one epoch, tag "quick") writes to results/quick/ and
 checkpoints/quick_*.pth, so a pipeline check never mixes with the study's numbers.
 """
+import contextlib
 import io
+import multiprocessing
 import os
 import platform
 import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from .deployment import PackError, pack_and_verify  # noqa: F401 (PackError: rep
 from .files import atomic_write_bytes, atomic_write_json
 from .methods import METHODS
 from .packing import code_mix
-from .results import read_results
+from .results import append_result, read_results
 from .runs import evaluate_checkpoint, train_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +64,7 @@ class Plan:
     precision: str = KEYS["precision"].default  # "bf16": forward under autocast (quant.engine); "auto": bf16 where native
     reuse: bool = False  # skip training where a checkpoint with the identical config already exists
     progress: bool = True
+    workers: int = 1  # processes training side by side, each with cores // workers torch threads (run_study)
 
     @classmethod
     def quick(cls, **overrides) -> "Plan":
@@ -128,20 +132,12 @@ def write_predictions(path: Path, values) -> None:
 
 
 def cpu_model() -> str:
-    """The CPU model name as `lscpu` reports it (falls back to /proc/cpuinfo, then platform)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        match = re.search(r"^Model name:\s*(.+)$", out, re.M)
-        if match:
-            return match.group(1).strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
+    """The CPU model name as `lscpu` reports it (else /proc/cpuinfo's, else platform's)."""
+    for command, pattern in ((["lscpu"], r"^Model name:\s*(.+)$"), (["cat", "/proc/cpuinfo"], r"^model name\s*:\s*(.+)$")):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            match = re.search(pattern, subprocess.run(command, capture_output=True, text=True, timeout=5).stdout, re.M)
+            if match:
+                return match.group(1).strip()
     return platform.processor() or platform.machine()
 
 
@@ -166,9 +162,44 @@ def study_checkpoints(results_path: Path, tag: str) -> list[Path]:
     return [Path(p) for p in dict.fromkeys(latest.values()) if p and Path(p).exists()]
 
 
+def run_one(plan: Plan, full: MNIST, mode: str, seed: int, log=print) -> dict:
+    """Train (or reuse) and evaluate one (mode, seed) and write its artefacts; returns its results row and record."""
+    data = resplit(full, plan.val_size, seed, plan.train_subset)
+    config = default_config(mode, seed=seed, epochs=plan.epochs, val_size=plan.val_size,
+                            train_subset=plan.train_subset, precision=plan.precision)
+    path = plan.checkpoint(mode, seed)
+    ckpt = train_or_reuse(plan, config, data, path, log)
+    result = evaluate_checkpoint(path, mode, data, tag=plan.tag, device=plan.device, ckpt=ckpt)
+    name = run_name(mode, seed)
+    write_history_csv(plan.results_dir / "history" / f"{name}.csv", ckpt["history"])
+    atomic_write_json(plan.results_dir / "weights" / f"{name}.json", weight_summary(ckpt))
+    write_predictions(plan.results_dir / "predictions" / f"{name}.npy", result["preds"])
+    log(f"{mode} seed {seed}: test accuracy {result['row']['test_acc']:.2f}% "
+        f"(validation {result['row']['val_acc']:.2f}%)")
+    return {"row": result["row"], "run": {"mode": mode, "seed": seed, "checkpoint": str(path),
+                                          "train_seconds": ckpt["metrics"]["train_seconds"],
+                                          "threads": torch.get_num_threads()}}
+
+
+_WORKER = {}  # a worker process's plan and unsplit MNIST, loaded once by _start_worker
+
+
+def _start_worker(plan: Plan, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(plan=plan, full=load_mnist(plan.data_dir, val_size=0, verify_checksum=plan.verify_checksum))
+
+
+def _run_in_worker(job: tuple) -> dict:
+    return run_one(_WORKER["plan"], _WORKER["full"], *job, log=lambda line: print(line, flush=True))
+
+
 def run_study(plan: Plan, log=print) -> dict:
     """Train, evaluate, write artefacts, pack and verify; returns {"rows": results rows, "seconds": wall time}.
 
+    With plan.workers > 1 the runs (then the packing) go to that many processes, each with the caller's torch
+    thread count (reproduce.py sets cores // workers): on a small CPU, single-threaded runs side by side finish the study sooner than one
+    two-threaded run at a time, whose threads wait on each other at every operator. A run's numbers depend on
+    its thread count (summation order), which study.json records. Rows reach results.csv in plan order.
     Plots and report tables are separate steps (quant.plotting.plot_all, quant.report.refresh).
     """
     unknown = [m for m in plan.modes if m not in METHODS]
@@ -179,41 +210,41 @@ def run_study(plan: Plan, log=print) -> dict:
     results_path = plan.results_dir / "results.csv"
     full = load_mnist(plan.data_dir, val_size=0, verify_checksum=plan.verify_checksum)
     write_predictions(plan.results_dir / "predictions" / "test_labels.npy", full.test_y)
-    total, rows, runs = len(plan.modes) * len(plan.seeds), [], []
-    for seed in plan.seeds:
-        data = resplit(full, plan.val_size, seed, plan.train_subset)
-        for mode in plan.modes:
-            log(f"[{len(rows) + 1}/{total}] {mode} seed {seed}: {len(data.train_y)} training images, "
-                f"{plan.epochs} epoch(s)")
-            config = default_config(mode, seed=seed, epochs=plan.epochs, val_size=plan.val_size,
-                                    train_subset=plan.train_subset, precision=plan.precision)
-            path = plan.checkpoint(mode, seed)
-            ckpt = train_or_reuse(plan, config, data, path, log)
-            result = evaluate_checkpoint(path, mode, data, results_path=results_path, tag=plan.tag, device=plan.device)
-            rows.append(result["row"])
-            name = run_name(mode, seed)
-            write_history_csv(plan.results_dir / "history" / f"{name}.csv", ckpt["history"])
-            atomic_write_json(plan.results_dir / "weights" / f"{name}.json", weight_summary(ckpt))
-            write_predictions(plan.results_dir / "predictions" / f"{name}.npy", result["preds"])
-            runs.append({"mode": mode, "seed": seed, "checkpoint": str(path),
-                         "train_seconds": ckpt["metrics"]["train_seconds"]})
-            log(f"{mode} seed {seed}: test accuracy {result['row']['test_acc']:.2f}% "
-                f"(validation {result['row']['val_acc']:.2f}%)")
-    # Every checkpoint of the tag (also from earlier runs of other modes), as deployment.csv is rewritten whole.
-    checkpoints = study_checkpoints(results_path, plan.tag)
-    if any(load_checkpoint(p)["export"]["ternary"] for p in checkpoints):
-        command = "deployment_compression.py --verify --onnx " + " ".join(f"--checkpoint {p}" for p in checkpoints)
-        pack_and_verify(checkpoints, mnist=full, onnx=True, results_dir=plan.results_dir, command=command,
-                        show=lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
-                            f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"
-                            for key in s if key.startswith("file_bytes_"))))
-    else:
-        log("no ternary checkpoint to pack; deployment.csv left as it is")
+    jobs = [(mode, seed) for seed in plan.seeds for mode in plan.modes]
+    workers = max(1, min(plan.workers, len(jobs)))
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            run, mapper = (lambda job: run_one(plan, full, *job, log)), map
+        else:
+            log(f"{len(jobs)} runs on {workers} worker processes, {torch.get_num_threads()} torch thread(s) each")
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_start_worker,
+                                                           initargs=(replace(plan, progress=False),
+                                                                     torch.get_num_threads())))
+            run, mapper = _run_in_worker, pool.map
+        rows, runs = [], []
+        for (mode, seed), done in zip(jobs, mapper(run, jobs)):  # results come back in plan order
+            append_result(results_path, done["row"])
+            rows.append(done["row"])
+            runs.append(done["run"])
+        # Every checkpoint of the tag (also from earlier runs of other modes), as deployment.csv is rewritten whole.
+        checkpoints = [p for p in study_checkpoints(results_path, plan.tag) if load_checkpoint(p)["export"]["ternary"]]
+        if checkpoints:
+            command = "deployment_compression.py --verify --onnx " + " ".join(f"--checkpoint {p}" for p in checkpoints)
+            show = (lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
+                f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"
+                for key in s if key.startswith("file_bytes_"))))
+            test_only = replace(full, train_x=full.train_x[:0], train_y=full.train_y[:0])  # what each packing job needs
+            pack_and_verify(checkpoints, mnist=test_only, onnx=True, results_dir=plan.results_dir, command=command,
+                            show=show, map_fn=mapper)
+        else:
+            log("no ternary checkpoint to pack; deployment.csv left as it is")
     seconds = time.perf_counter() - start
     atomic_write_json(plan.results_dir / "study.json", {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "started": started,
         "seconds_train_eval_pack": round(seconds, 1), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__), "python": platform.python_version(),
+        "workers": workers, "torch_threads": runs[0]["threads"] if runs else torch.get_num_threads(),
+        "torch": str(torch.__version__), "python": platform.python_version(),
         "device": str(plan.device), "n_seeds": len(plan.seeds), "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
         "runs": runs})
     return {"rows": rows, "seconds": seconds}
