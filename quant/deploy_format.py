@@ -307,6 +307,10 @@ def _is_int(value, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
 
 
+def _is_shape(value, ndims) -> bool:
+    return isinstance(value, list) and len(value) in ndims and all(_is_int(d, 1, MAX_DIM) for d in value)
+
+
 def _is_number(value, low=-math.inf) -> bool:  # > low; parse_manifest has already made every float finite
     return type(value) in (int, float) and math.isfinite(value) and value > low
 
@@ -333,9 +337,7 @@ def _check_manifest(manifest, payload_len: int) -> dict:
          "metadata must be an object of strings, numbers, booleans or nulls")
     spec = manifest["input"]
     need_keys(spec, ("shape", "divisor", "mean", "std"), "input")
-    need(isinstance(spec["shape"], list) and len(spec["shape"]) == 3 and all(_is_int(d, 1, MAX_DIM) for d in
-                                                                             spec["shape"])
-         and math.prod(spec["shape"]) <= MAX_ELEMENTS,
+    need(_is_shape(spec["shape"], (3,)) and math.prod(spec["shape"]) <= MAX_ELEMENTS,
          f"input shape {spec['shape']!r:.100} is not [C, H, W] of at most {MAX_ELEMENTS} elements")
     need(_is_number(spec["divisor"], 0), "input divisor must be a number > 0")
     for key, low in (("mean", -math.inf), ("std", 0)):
@@ -349,8 +351,7 @@ def _check_manifest(manifest, payload_len: int) -> dict:
         need(isinstance(manifest[kind], list), f"{kind} must be a list")
         for rec in manifest[kind]:
             need_keys(rec, keys, f"a {kind} record")
-            need(isinstance(rec["name"], str) and isinstance(rec["shape"], list) and 1 <= len(rec["shape"]) <= 4
-                 and all(_is_int(d, 1, MAX_DIM) for d in rec["shape"])
+            need(isinstance(rec["name"], str) and _is_shape(rec["shape"], (1, 2, 3, 4))
                  and _is_int(rec["offset"], 0, payload_len) and _is_int(rec["length"], 0, payload_len),
                  f"malformed {kind} record {rec!r:.200}")
             need(rec["name"] not in records, f"tensor {rec['name']!r} stored twice")

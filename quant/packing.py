@@ -131,16 +131,13 @@ def pack_entropy(codes, patch=(1, 1)) -> bytes:
     """Codes [O, ...] -> context-modelled rANS block. `patch` (H, W) splits each row (a conv's kernel, the
     feature map a linear layer reads); any patch that tiles the row decodes exactly, the right one codes smaller."""
     a = as_codes(codes)
-    if a.ndim < 1 or a.size == 0:
-        raise PackingError("the entropy code needs a non-empty array of codes")
+    _need(a.ndim >= 1 and a.size > 0, "the entropy code needs a non-empty array of codes")
     rows, (height, width) = a.shape[0], patch
     sym = a.reshape(rows, -1).astype(np.int64) + 1
-    if not (1 <= height <= 255 and 1 <= width <= 255 and sym.shape[1] % (height * width) == 0):
-        raise PackingError(f"patch {height}x{width} does not tile rows of {sym.shape[1]} codes")
+    _need(1 <= height <= 255 and 1 <= width <= 255 and sym.shape[1] % (height * width) == 0,
+          f"patch {height}x{width} does not tile rows of {sym.shape[1]} codes")
     ctx = _contexts(sym, patch)
-    row_counts = np.zeros((rows, 16 * 3), np.int64)
-    np.add.at(row_counts, (np.repeat(np.arange(rows), sym.shape[1]), (3 * ctx + sym).reshape(-1)), 1)
-    row_counts = row_counts.reshape(rows, 16, 3)
+    row_counts = np.stack([np.bincount(row, minlength=48) for row in 3 * ctx + sym]).reshape(rows, 16, 3)
     best = None
     for k in (1, 2, 4, 8, 16)[:rows.bit_length()]:  # the class count giving the smallest block, tables included
         classes = _row_classes(row_counts, k) if k > 1 else np.zeros(rows, np.int64)
