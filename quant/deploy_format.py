@@ -46,18 +46,16 @@ _OP_TENSORS = {"conv2d": ("weight", "bias"), "linear": ("weight", "bias"),
 _OP_SCALARS = {"batch_norm": ("eps",), "max_pool2d": ("kernel_size",)}
 
 
-def _layer(op: str, name: str) -> dict:
-    return {"op": op, "weight": f"{name}.weight", "bias": f"{name}.bias"}
-
-
-def _bn(name: str) -> dict:
-    return {"op": "batch_norm", **{k: f"{name}.{k}" for k in _OP_TENSORS["batch_norm"]}, "eps": BN_EPS}
+def _op(kind: str, name: str = "") -> dict:
+    """An op reading the tensors <name>.weight, <name>.bias, ... (BN with PyTorch's default eps)."""
+    op = {"op": kind, **{k: f"{name}.{k}" for k in _OP_TENSORS[kind]}}
+    return {**op, "eps": BN_EPS} if kind == "batch_norm" else op
 
 
 # LeNet5.forward (quant/model.py) written as data; tests check it computes the same logits as the model.
-LENET5_NETWORK = (*(op for i in (1, 2) for op in (_layer("conv2d", f"conv{i}"), _bn(f"bn{i}"), {"op": "relu"},
-                                                   {"op": "max_pool2d", "kernel_size": 2})),
-                  {"op": "flatten"}, _layer("linear", "fc1"), {"op": "relu"}, _layer("linear", "fc2"))
+LENET5_NETWORK = (*(op for i in (1, 2) for op in (_op("conv2d", f"conv{i}"), _op("batch_norm", f"bn{i}"),
+                                                   _op("relu"), {"op": "max_pool2d", "kernel_size": 2})),
+                  _op("flatten"), _op("linear", "fc1"), _op("relu"), _op("linear", "fc2"))
 
 
 class DeployFormatError(QuantError, ValueError):

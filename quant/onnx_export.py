@@ -1,13 +1,11 @@
 """ONNX export of a deployment file: standard operators (opset 13), ternary weights kept as int8 codes.
 
-`to_onnx(manifest, tensors)` translates the file's ops one by one (docs/deployment_format.md section 5), so the
-model computes what the file specifies: uint8 "pixels" [N, C, H, W] are cast and normalised in the graph,
-conv2d -> Conv, batch_norm -> BatchNormalization, relu -> Relu, max_pool2d -> MaxPool (stride = kernel),
-flatten -> Flatten, linear -> Gemm(transB=1), output float32 "logits" [N, 10]. A ternary weight is dequantised
-in the graph, QDQ style (zero point 0, scales per tensor or per output channel): DequantizeLinear(T, alpha) where
-w_p = w_n (TWN, ADMM), else DequantizeLinear(Max(T, 0), w_p) + DequantizeLinear(Min(T, 0), w_n) (TTQ); both
-exact. int8 is the narrowest type DequantizeLinear takes in opset 13 that onnxruntime's CPU provider runs.
-Built with onnx.helper, not torch.onnx.export, which would trace float weights and need onnxscript.
+`to_onnx` translates the file's ops one by one (docs/deployment_format.md section 5), normalising uint8 "pixels"
+[N, C, H, W] in the graph, to float32 "logits" [N, 10]. A ternary weight is dequantised in the graph, QDQ style
+(zero point 0, scales per tensor or per output channel): DequantizeLinear(T, alpha) where w_p = w_n (TWN, ADMM),
+else DequantizeLinear(Max(T, 0), w_p) + DequantizeLinear(Min(T, 0), w_n) (TTQ); both exact. int8 is the narrowest
+type DequantizeLinear takes in opset 13 that onnxruntime's CPU provider runs. Built with onnx.helper, not
+torch.onnx.export, which would trace float weights and need onnxscript.
 """
 import os
 
