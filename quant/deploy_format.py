@@ -122,37 +122,25 @@ def trace_shapes(network, input_shape, shape_of) -> list:
     shapes = [list(input_shape)]
     for i, op in enumerate(network):
         shape, kind = shapes[-1], op["op"]
-
-        def fail(message):
-            raise DeployFormatError(f"network op {i} ({kind}): {message}")
-
-        def vectors(length, *keys):
-            for key in keys:
-                if op.get(key) is not None and shape_of(op[key]) != [length]:
-                    fail(f"{key} {op[key]!r} has shape {shape_of(op[key])}, expected [{length}]")
-
-        w = shape_of(op["weight"]) if kind in ("conv2d", "linear") else None
-        if kind == "conv2d":
-            if len(shape) != 3 or len(w) != 4 or w[1] != shape[0] or w[2] > shape[1] or w[3] > shape[2]:
-                fail(f"weight {w} does not fit an input of shape {shape}")
-            vectors(w[0], "bias")
-            shape = [w[0], shape[1] - w[2] + 1, shape[2] - w[3] + 1]
-        elif kind == "linear":
-            if len(shape) != 1 or len(w) != 2 or w[1] != shape[0]:
-                fail(f"weight {w} does not fit an input of shape {shape}")
-            vectors(w[0], "bias")
-            shape = [w[0]]
-        elif kind == "batch_norm":
-            vectors(shape[0], *_OP_TENSORS["batch_norm"])
+        need = lambda ok, message: _need(ok, f"network op {i} ({kind}): {message}")
+        if kind in ("conv2d", "linear"):
+            w = shape_of(op["weight"])
+            need(len(shape) == 3 and len(w) == 4 and w[1] == shape[0] and w[2] <= shape[1] and w[3] <= shape[2]
+                 if kind == "conv2d" else len(shape) == 1 and len(w) == 2 and w[1] == shape[0],
+                 f"weight {w} does not fit an input of shape {shape}")
+            shape = [w[0], shape[1] - w[2] + 1, shape[2] - w[3] + 1] if kind == "conv2d" else [w[0]]
         elif kind == "max_pool2d":
             k = op["kernel_size"]
-            if len(shape) != 3 or k > shape[1] or k > shape[2]:
-                fail(f"kernel {k} does not fit an input of shape {shape}")
+            need(len(shape) == 3 and k <= shape[1] and k <= shape[2], f"kernel {k} does not fit an input of shape "
+                                                                       f"{shape}")
             shape = [shape[0], shape[1] // k, shape[2] // k]
         elif kind == "flatten":
             shape = [math.prod(shape)]
-        if math.prod(shape) > MAX_ELEMENTS:
-            fail(f"activation of shape {shape} exceeds {MAX_ELEMENTS} elements")
+        for key in _OP_TENSORS[kind]:  # a bias, BN's four vectors: one value per output channel
+            if op.get(key) is not None and (key != "weight" or kind == "batch_norm"):
+                need(shape_of(op[key]) == [shape[0]],
+                     f"{key} {op[key]!r} has shape {shape_of(op[key])}, expected [{shape[0]}]")
+        need(math.prod(shape) <= MAX_ELEMENTS, f"activation of shape {shape} exceeds {MAX_ELEMENTS} elements")
         shapes.append(shape)
     return shapes
 
