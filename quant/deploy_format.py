@@ -183,10 +183,7 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
     """Serialise an export (quant/export.py) as a deployment file."""
     from .data import MEAN, STD  # the writer states the normalisation; the reader takes it from the file
 
-    try:
-        codec = get_codec(encoding)
-    except PackingError as e:
-        raise DeployFormatError(str(e)) from None
+    _need(encoding in ENCODINGS, f"unknown encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
     _need(float_dtype in FLOAT_DTYPES, f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
     export, network = deployed_layers(export, fold_bn)
     ternary = {f"{layer}.weight": entry for layer, entry in export["ternary"].items()}
@@ -211,7 +208,7 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
             add_float(name, export["float"][name], float_dtype)
             continue
         try:
-            block = codec.encode(entry["codes"], patches[name])
+            block = get_codec(encoding).encode(entry["codes"], patches[name])
         except PackingError as e:
             raise DeployFormatError(f"cannot pack {layer}: {e}") from None
         # scales stay fp32 whatever float_dtype says: they multiply every weight of their channel
