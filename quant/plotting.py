@@ -1,15 +1,5 @@
-"""The study's figures, drawn from results/ alone (never a checkpoint), with matplotlib's Agg backend.
-
-    results_comparison.png  test accuracy vs deployed size on disk, mean ± std over seeds   (results.csv, deployment.csv)
-    training_curves.png     validation accuracy and loss per epoch, seeds overlaid; hollow    (history/*.csv, results.csv)
-                            points were scored on full-precision, not ternary, weights
-    weight_histograms.png   latent weights per layer and mode, ±delta and the code mix        (weights/*.json)
-    sparsity_bytes.png      zero fraction of deployed codes; bytes per layer per encoding, bound (deployment.csv)
-    admm_residual.png       ADMM primal residual ||W - G|| / ||W|| and rho per epoch          (history/admm_*.csv)
-
-Each figure function raises MissingInput when its inputs are absent; plot_all turns that (or an unreadable
-file) into a one-line note and goes on with the next figure.
-"""
+"""The study's figures, drawn from results/ alone (never a checkpoint) with matplotlib's Agg backend; FIGURES lists
+them. A figure whose inputs are absent raises MissingInput, which plot_all turns into a one-line note."""
 import json
 import math
 from pathlib import Path
@@ -21,10 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .report import (LAYERS, NoResults, label, layer_stats, mean, mode_key, read_csv, read_json,  # noqa: E402
-                     required_study_rows, std, study_rows, summarize)
+                     seed_key, std, study_rows, summarize)
 from .results import ResultsError  # noqa: E402
 
-DPI = 150
 COLORS = {"fp": "#4d4d4d", "twn": "#1f77b4", "ttq": "#d62728", "admm": "#2ca02c"}
 MARKERS = {"fp": "o", "twn": "s", "ttq": "^", "admm": "D"}
 STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # one line style per seed (five by default)
@@ -44,74 +33,56 @@ def color(mode: str) -> str:
 
 def _epoch_axis(ax, epochs) -> None:
     """Integer epoch ticks (matplotlib would label a one-epoch run 0.96 ... 1.04)."""
-    last = max(epochs, default=1)
-    ax.set_xticks(range(1, last + 1))
-    ax.set_xlim(0.7, last + 0.3)
+    ax.set_xticks(range(1, max(epochs, default=1) + 1))
+    ax.set_xlim(0.7, max(epochs, default=1) + 0.3)
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
 
 
-def _rows(results_dir, tag):
+def _rows(results_dir, tag, strict=True) -> list[dict]:
+    """The study rows; with strict, none is MissingInput, else an unreadable results.csv reads as no rows."""
     try:
-        return required_study_rows(results_dir, tag)
-    except NoResults as e:
-        raise MissingInput(str(e)) from None
+        return study_rows(results_dir, tag, required=strict)
+    except (NoResults, ResultsError) as e:
+        if strict:
+            raise MissingInput(str(e)) from None
+        return []
 
 
 def _runs(results_dir, tag, folder: str, suffix: str) -> list[tuple[str, object, Path]]:
-    """(mode, seed, path) of results_dir/folder/{mode}_seed{s}{suffix} for the latest tagged runs.
-
-    Without tagged rows (e.g. only artefacts were copied) every such file in the folder is used.
-    """
-    try:
-        pairs = [(r["mode"], r.get("seed", "")) for r in study_rows(results_dir, tag)]
-    except ResultsError:
-        pairs = []
-    base = Path(results_dir) / folder
-    if pairs:
-        found = [(m, s, base / f"{m}_seed{s}{suffix}") for m, s in pairs]
-        found = [f for f in found if f[2].exists()]
-    else:
-        found = []
-        for p in sorted(base.glob(f"*_seed*{suffix}")):
-            mode, _, seed = p.name[:-len(suffix)].rpartition("_seed")
-            found.append((mode, int(seed) if seed.isdigit() else seed, p))
+    """(mode, seed, path) of folder/{mode}_seed{s}{suffix} for the latest tagged runs (every such file without any)."""
+    base, pairs = Path(results_dir) / folder, [(r["mode"], r.get("seed", "")) for r in _rows(results_dir, tag, False)]
+    found = [f for f in ((m, s, base / f"{m}_seed{s}{suffix}") for m, s in pairs) if f[2].exists()]
+    if not pairs:
+        found = [(m, int(s) if s.isdigit() else s, p) for p in sorted(base.glob(f"*_seed*{suffix}"))
+                 for m, _, s in [p.name[:-len(suffix)].rpartition("_seed")]]
     if not found:
         raise MissingInput(f"no {folder}/*{suffix} files in {results_dir}")
-    return sorted(found, key=lambda f: (mode_key(f[0]), str(f[1]).zfill(8)))
+    return sorted(found, key=lambda f: (mode_key(f[0]), seed_key(f[1])))
 
-
-# ---------------------------------------------------------------- 1. headline
 
 def _spread_labels(ys: list[float], min_gap: float) -> list[float]:
     """Label heights near `ys` (in order) moved apart until neighbours are >= min_gap apart."""
     order = sorted(range(len(ys)), key=lambda i: ys[i])
     placed = [ys[i] for i in order]
     for _ in range(50):
-        moved = False
-        for a in range(len(placed) - 1):
-            gap = placed[a + 1] - placed[a]
-            if gap < min_gap:
-                shift = (min_gap - gap) / 2
-                placed[a] -= shift
-                placed[a + 1] += shift
-                moved = True
-        if not moved:
+        if all(placed[a + 1] - placed[a] >= min_gap for a in range(len(placed) - 1)):
             break
-    out = [0.0] * len(ys)
-    for rank, i in enumerate(order):
-        out[i] = placed[rank]
-    return out
+        for a in range(len(placed) - 1):  # sequential: each push sees the previous one
+            if (short := min_gap - (placed[a + 1] - placed[a])) > 0:
+                placed[a] -= short / 2
+                placed[a + 1] += short / 2
+    return [placed[order.index(i)] for i in range(len(ys))]
 
 
 def plot_comparison(results_dir, out_dir, tag="study") -> Path:
+    """Figure 1: test accuracy against deployed size on disk, mean ± std over seeds."""
     _rows(results_dir, tag)
-    stats = summarize(results_dir, tag)
-    points = {m: s for m, s in stats.items() if s["size"]}
+    points = {m: s for m, s in summarize(results_dir, tag).items() if s["size"]}
     if not points:
         raise MissingInput(f"no deployment sizes: {Path(results_dir) / 'deployment.csv'} is missing or has no "
                            f"'total' rows (run deployment_compression.py --verify)")
@@ -121,40 +92,30 @@ def plot_comparison(results_dir, out_dir, tag="study") -> Path:
     sizes = {m: mean(s["size"]) for m, s in points.items()}
     same = [m for m in points if m != "fp"]
     crowd = [m for m in same if sum(abs(math.log(sizes[m] / sizes[o])) < 0.05 for o in same) > 1]
-    nudge = {m: 1.06 ** (i - (len(crowd) - 1) / 2) for i, m in enumerate(crowd)}
+    xs = {m: sizes[m] * 1.06 ** (crowd.index(m) - (len(crowd) - 1) / 2 if m in crowd else 0) / 1024 for m in points}
     ys = {m: mean(s["test_acc"]) for m, s in points.items()}
-    lo = min(min(s["test_acc"]) for s in points.values())
-    hi = max(max(s["test_acc"]) for s in points.values())
+    lo, hi = min(min(s["test_acc"]) for s in points.values()), max(max(s["test_acc"]) for s in points.values())
     span = max(hi - lo, 0.5)
     if "fp" in ys:
         ax.axhline(ys["fp"], color=color("fp"), lw=0.8, ls=":", zorder=1, label="FP32 mean accuracy")
     for mode, s in points.items():
-        x = sizes[mode] * nudge.get(mode, 1.0) / 1024
-        err = std(s["test_acc"])
-        ax.errorbar(x, ys[mode], yerr=0 if math.isnan(err) else err, fmt=MARKERS.get(mode, "o"), ms=8,
+        err, n = std(s["test_acc"]), len(s["seeds"])
+        ax.errorbar(xs[mode], ys[mode], yerr=0 if math.isnan(err) else err, fmt=MARKERS.get(mode, "o"), ms=8,
                     color=color(mode), capsize=5, lw=1.5, zorder=3,
-                    label=f"{label(mode)}: mean ± sample std ({len(s['seeds'])} seed{'s' * (len(s['seeds']) > 1)})")
-        ax.scatter([x] * len(s["test_acc"]), s["test_acc"], s=12, color=color(mode), alpha=0.45, zorder=2,
+                    label=f"{label(mode)}: mean ± sample std ({n} seed{'s' * (n > 1)})")
+        ax.scatter([xs[mode]] * len(s["test_acc"]), s["test_acc"], s=12, color=color(mode), alpha=0.45, zorder=2,
                    edgecolors="none")
     ax.scatter([], [], s=12, color="gray", alpha=0.45, label="individual seeds")
-    ax.set_xscale("log")
-    xs = [sizes[m] / 1024 for m in points]
-    ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
-    ax.set_ylim(lo - 0.45 * span, hi + 0.45 * span)
-    # Labels to the right of each point, spread vertically so close accuracies never overprint.
-    modes = list(points)
-    bottom, top = ax.get_ylim()
-    label_y = _spread_labels([ys[m] for m in modes], 0.09 * (top - bottom))  # two text lines at this figure size
-    for mode, y in zip(modes, label_y):
-        x = sizes[mode] * nudge.get(mode, 1.0) / 1024
-        s = points[mode]
-        text = (f"{label(mode)}: {mean(s['test_acc']):.2f}%\n{sizes[mode] / 1024:,.0f} KiB"
-                + ("" if mode == "fp" else f", {mean(s['compression']):.1f}× smaller"))
-        ax.annotate(text, xy=(x, ys[mode]), xytext=(x * 1.35, y), textcoords="data", fontsize=8.5,
+    ax.set(xscale="log", xlim=(min(sizes.values()) / 1024 / 2.5, max(sizes.values()) / 1024 * 2.5),
+           ylim=(lo - 0.45 * span, hi + 0.45 * span), ylabel="MNIST test accuracy (%)")
+    bottom, top = ax.get_ylim()  # labels right of each point, spread so close accuracies never overprint
+    for mode, y in zip(points, _spread_labels(list(ys.values()), 0.09 * (top - bottom))):  # 0.09: two text lines
+        text = (f"{label(mode)}: {ys[mode]:.2f}%\n{sizes[mode] / 1024:,.0f} KiB"
+                + ("" if mode == "fp" else f", {mean(points[mode]['compression']):.1f}× smaller"))
+        ax.annotate(text, xy=(xs[mode], ys[mode]), xytext=(xs[mode] * 1.35, y), textcoords="data", fontsize=8.5,
                     va="center", color=color(mode), arrowprops={"arrowstyle": "-", "color": color(mode), "lw": 0.6})
     ax.set_xlabel("deployed model size on disk (KiB, log scale)\n"
                   "ternary: packed 2-bit file, BatchNorm folded; FP32: torch.save(state_dict)", fontsize=9)
-    ax.set_ylabel("MNIST test accuracy (%)")
     runs = f"{n_seeds} seed{'s' * (n_seeds > 1)}" + ("" if tag == "study" else f", results tagged '{tag}'")
     ax.set_title(f"LeNet-5 on MNIST: accuracy vs deployed size ({runs})"
                  + ("\nternary points nudged sideways for legibility; their files are equal in size" if crowd else ""),
@@ -164,8 +125,6 @@ def plot_comparison(results_dir, out_dir, tag="study") -> Path:
     return _save(fig, Path(out_dir) / "results_comparison.png")
 
 
-# ---------------------------------------------------------------- 2. training curves
-
 def val_ternary(row: dict):
     """True / False: the epoch's validation point used ternary / full-precision weights; None if not recorded."""
     value = str(row.get("val_ternary") or "").strip().lower()
@@ -173,36 +132,30 @@ def val_ternary(row: dict):
 
 
 def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
+    """Figure 2: validation accuracy and loss per epoch, seeds overlaid; hollow markers were scored on
+    full-precision, not ternary, weights; a star is the deployed model's validation accuracy."""
     runs = _runs(results_dir, tag, "history", ".csv")
     modes = sorted({m for m, _, _ in runs}, key=mode_key)
-    try:
-        deployed = {(r["mode"], r.get("seed", "")): r for r in study_rows(results_dir, tag)}
-    except ResultsError:
-        deployed = {}
+    deployed = {(r["mode"], r.get("seed", "")): r for r in _rows(results_dir, tag, False)}
     fig, axes = plt.subplots(2, len(modes), figsize=(3.4 * len(modes) + 0.6, 6.2), layout="constrained",
                              sharex=True, squeeze=False)
     all_epochs, kinds = [], set()
-    seeds = sorted({s for _, s, _ in runs}, key=lambda v: str(v).zfill(8))
-    for col, mode in enumerate(modes):
-        ax_acc, ax_loss = axes[0, col], axes[1, col]
+    seeds = sorted({s for _, s, _ in runs}, key=seed_key)
+    for (ax_acc, ax_loss), mode in zip(axes.T, modes):
         stars, unrecorded = [], False
-        for m, seed, path in runs:
-            if m != mode:
-                continue
+        for _, seed, path in (r for r in runs if r[0] == mode):
             hist = read_csv(path)
-            epochs = [int(float(h["epoch"])) for h in hist]
-            ternary = [val_ternary(h) for h in hist]
+            epochs, ternary = [int(float(h["epoch"])) for h in hist], [val_ternary(h) for h in hist]
             all_epochs += epochs
             unrecorded |= None in ternary
-            ls = STYLES[seeds.index(seed) % len(STYLES)]
             for ax, key in ((ax_acc, "val_acc"), (ax_loss, "val_loss")):
                 values = [float(h[key]) for h in hist]
-                ax.plot(epochs, values, ls=ls, color=color(mode), label=f"seed {seed}")
+                ax.plot(epochs, values, ls=STYLES[seeds.index(seed) % len(STYLES)], color=color(mode),
+                        label=f"seed {seed}")
                 for kind in dict.fromkeys(ternary):
-                    marker, face, _ = POINTS[kind]
                     points = [(e, v) for e, v, t in zip(epochs, values, ternary) if t is kind]
-                    ax.plot(*zip(*points), ls="none", marker=marker, ms=4.5, color=color(mode), mfc=face or color(mode),
-                            mew=1.1)
+                    ax.plot(*zip(*points), ls="none", marker=POINTS[kind][0], ms=4.5, color=color(mode),
+                            mfc=POINTS[kind][1] or color(mode), mew=1.1)
                     kinds.add(kind)
             row = deployed.get((mode, str(seed)))
             if row and row.get("val_acc") and epochs:
@@ -214,8 +167,8 @@ def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
         ax_acc.set_title(label(mode) + ("\n(before the hard projection, epochs\nrun on latent, not ternary, weights)"
                                         if mode == "admm" and unrecorded else ""), fontsize=10)
         ax_loss.set_xlabel("epoch")
-        ax_acc.grid(alpha=0.3)
-        ax_loss.grid(alpha=0.3)
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
         ax_acc.legend(fontsize=7, loc="lower right")
     for ax in axes.flat:
         _epoch_axis(ax, all_epochs)
@@ -231,30 +184,24 @@ def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
     return _save(fig, Path(out_dir) / "training_curves.png")
 
 
-# ---------------------------------------------------------------- 3. weight histograms
-
 def plot_weight_histograms(results_dir, out_dir, tag="study") -> Path:
-    runs = _runs(results_dir, tag, "weights", ".json")
+    """Figure 3: latent weights per layer and mode (the lowest seed), ±delta and the deployed code mix."""
     first = {}
-    for mode, seed, path in runs:  # one seed per mode (the lowest): seeds look alike, panels would not
+    for mode, seed, path in _runs(results_dir, tag, "weights", ".json"):  # seeds look alike, panels would not
         first.setdefault(mode, (seed, path))
     modes = sorted(first, key=mode_key)
-    data = {m: json.loads(first[m][1].read_text()) for m in modes}
     projected = set()  # modes whose checkpoint stores W after a hard projection (ADMM)
     fig, axes = plt.subplots(len(LAYERS), len(modes), figsize=(3.3 * len(modes) + 0.6, 2.3 * len(LAYERS) + 0.8),
                              layout="constrained", squeeze=False)
     for col, mode in enumerate(modes):
-        layers = {entry["layer"]: entry for entry in data[mode]["layers"]}
-        for row, name in enumerate(LAYERS):
-            ax = axes[row, col]
-            entry = layers.get(name)
-            if entry is None:
+        layers = {entry["layer"]: entry for entry in json.loads(first[mode][1].read_text())["layers"]}
+        for row, (name, ax) in enumerate(zip(LAYERS, axes[:, col])):
+            if (entry := layers.get(name)) is None:
                 ax.set_axis_off()
                 continue
-            edges, counts = np.asarray(entry["edges"]), np.asarray(entry["counts"])
-            ax.stairs(counts, edges, fill=True, color=color(mode), alpha=0.75)
-            ax.set_yscale("log")
-            ax.set_ylim(0.7, max(counts.max(), 1) * 2)
+            counts = np.asarray(entry["counts"])
+            ax.stairs(counts, np.asarray(entry["edges"]), fill=True, color=color(mode), alpha=0.75)
+            ax.set(yscale="log", ylim=(0.7, max(counts.max(), 1) * 2))
             title = f"{label(mode)} · {name} ({entry['weights']:,} weights)"
             if entry.get("ternary"):
                 delta = float(np.mean(entry["delta"]))
@@ -280,48 +227,40 @@ def plot_weight_histograms(results_dir, out_dir, tag="study") -> Path:
     return _save(fig, Path(out_dir) / "weight_histograms.png")
 
 
-# ---------------------------------------------------------------- 4. sparsity and bytes
-
 def plot_sparsity_bytes(results_dir, out_dir, tag="study") -> Path:
+    """Figure 4: zero fraction of the deployed codes; bytes per layer per encoding against the order-0 bound."""
     _rows(results_dir, tag)
-    layers = layer_stats(results_dir, tag)
-    if not layers:
+    if not (layers := layer_stats(results_dir, tag)):
         raise MissingInput(f"no per-layer rows in {Path(results_dir) / 'deployment.csv'} "
                            f"(run deployment_compression.py --verify)")
     names = list(layers)
     modes = sorted({m for s in layers.values() for m in s["zero"]}, key=mode_key)
+    per_layer = lambda key, m, f=mean: [f(layers[n][key].get(m, [])) for n in names]  # noqa: E731
     fig, (ax_z, ax_b) = plt.subplots(1, 2, figsize=(12.5, 4.8), layout="constrained")
     x = np.arange(len(names))
     width = 0.8 / max(len(modes), 1)
     for i, mode in enumerate(modes):
-        vals = [100 * mean(layers[n]["zero"].get(mode, [])) for n in names]
-        errs = [100 * std(layers[n]["zero"].get(mode, [])) for n in names]
-        errs = [0 if math.isnan(e) else e for e in errs]
-        ax_z.bar(x + (i - (len(modes) - 1) / 2) * width, vals, width, yerr=errs, capsize=3, color=color(mode),
-                 label=label(mode))
+        ax_z.bar(x + (i - (len(modes) - 1) / 2) * width, [100 * v for v in per_layer("zero", mode)], width,
+                 yerr=[0 if math.isnan(e) else 100 * e for e in per_layer("zero", mode, std)], capsize=3,
+                 color=color(mode), label=label(mode))
     ax_z.set_xticks(x, [f"{n}\n({layers[n]['weights']:,.0f} weights)" for n in names], fontsize=8)
-    ax_z.set_ylabel("deployed codes equal to 0 (%)")
     highest = max((100 * max(v) for s in layers.values() for v in s["zero"].values() if v), default=50)
-    ax_z.set_ylim(0, min(100, highest * 1.25 + 5))
+    ax_z.set(ylabel="deployed codes equal to 0 (%)", ylim=(0, min(100, highest * 1.25 + 5)))
     ax_z.set_title("Sparsity of the deployed ternary codes (mean ± std over seeds)", fontsize=10)
     ax_z.legend(fontsize=8)
     ax_z.grid(axis="y", alpha=0.3)
     series = [("FP32", [layers[n]["fp32"] for n in names], "0.6", None),
               ("2-bit codes", [layers[n]["codes_2bit"] for n in names], "#444444", None),
               ("base-3 codes", [layers[n]["codes_base3"] for n in names], "#888888", "//")]
-    series += [(f"entropy-coded, {label(m)}", [mean(layers[n]["coded"].get(m, [])) for n in names], color(m), None)
-               for m in modes]
+    series += [(f"entropy-coded, {label(m)}", per_layer("coded", m), color(m), None) for m in modes]
     width = 0.8 / len(series)
     for i, (name, vals, c, hatch) in enumerate(series):
         at = x + (i - (len(series) - 1) / 2) * width
         ax_b.bar(at, vals, width, color=c, hatch=hatch, label=name, edgecolor="white" if hatch else None, lw=0)
         if i >= 3:  # each mode's order-0 bound as a black tick across its entropy-coded bar
-            bound = [mean(layers[n]["entropy"].get(modes[i - 3], [])) for n in names]
-            ax_b.plot(at, bound, "_", color="black", ms=max(4.0, 60 * width), mew=1.6,
+            ax_b.plot(at, per_layer("entropy", modes[i - 3]), "_", color="black", ms=max(4.0, 60 * width), mew=1.6,
                       label="order-0 entropy bound" if i == 3 else None)
-    ax_b.set_yscale("log")
-    ax_b.set_xticks(x, names)
-    ax_b.set_ylabel("bytes per layer (log scale)")
+    ax_b.set(yscale="log", xticks=x, xticklabels=names, ylabel="bytes per layer (log scale)")
     ax_b.set_title("Bytes per layer: FP32, fixed-rate, entropy-coded; — = order-0 bound\n"
                    "(code blocks only; scales, biases and the file header excluded)", fontsize=10)
     ax_b.legend(fontsize=7, ncol=2, loc="upper left")
@@ -330,49 +269,38 @@ def plot_sparsity_bytes(results_dir, out_dir, tag="study") -> Path:
     return _save(fig, Path(out_dir) / "sparsity_bytes.png")
 
 
-# ---------------------------------------------------------------- 5. ADMM
-
 def plot_admm_residual(results_dir, out_dir, tag="study") -> Path:
+    """Figure 5: ADMM's primal residual ||W - G|| / ||W|| and penalty rho per epoch."""
     runs = [r for r in _runs(results_dir, tag, "history", ".csv") if r[0] == "admm"]
     if not runs:
         raise MissingInput(f"no history/admm_seed*.csv in {results_dir}")
-    fig, (ax_r, ax_rho) = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained", sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained", sharex=True)
     drawn, all_epochs = 0, []
     for i, (_, seed, path) in enumerate(runs):
-        hist = [h for h in read_csv(path) if h.get("primal_residual") not in (None, "")]
-        if not hist:
-            continue
-        epochs = [int(float(h["epoch"])) for h in hist]
-        all_epochs += epochs
-        ax_r.plot(epochs, [float(h["primal_residual"]) for h in hist], ls=STYLES[i % len(STYLES)], marker="o",
-                  color=color("admm"), label=f"seed {seed}")
-        ax_rho.plot(epochs, [float(h["rho"]) for h in hist], ls=STYLES[i % len(STYLES)], marker="o", color="#8c564b",
-                    label=f"seed {seed}")
-        drawn += 1
+        if hist := [h for h in read_csv(path) if h.get("primal_residual") not in (None, "")]:
+            all_epochs += [int(float(h["epoch"])) for h in hist]
+            for ax, key, c in zip(axes, ("primal_residual", "rho"), (color("admm"), "#8c564b")):
+                ax.plot([int(float(h["epoch"])) for h in hist], [float(h[key]) for h in hist],
+                        ls=STYLES[i % len(STYLES)], marker="o", color=c, label=f"seed {seed}")
+            drawn += 1
     if not drawn:
         plt.close(fig)
         raise MissingInput("ADMM history files have no primal_residual column")
-    for ax in (ax_r, ax_rho):
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch (value at its end)")
+    for ax, ylabel, title in zip(axes, ("primal residual ‖W − G‖ / ‖W‖ (log)", "penalty ρ (log)"),
+                                 ("Distance of latent W from its ternary copy G",
+                                  "ADMM penalty ρ (grows after every G/U update)")):
+        ax.set(yscale="log", xlabel="epoch (value at its end)", ylabel=ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         _epoch_axis(ax, all_epochs)
-    ax_r.set_ylabel("primal residual ‖W − G‖ / ‖W‖ (log)")
-    ax_r.set_title("Distance of latent W from its ternary copy G", fontsize=10)
-    ax_rho.set_ylabel("penalty ρ (log)")
-    ax_rho.set_title("ADMM penalty ρ (grows after every G/U update)", fontsize=10)
+        ax.set_title(title, fontsize=10)
     fig.suptitle("ADMM: constraint violation and penalty over training", fontsize=11)
     return _save(fig, Path(out_dir) / "admm_residual.png")
 
 
-FIGURES = {
-    "results_comparison.png": plot_comparison,
-    "training_curves.png": plot_training_curves,
-    "weight_histograms.png": plot_weight_histograms,
-    "sparsity_bytes.png": plot_sparsity_bytes,
-    "admm_residual.png": plot_admm_residual,
-}
+FIGURES = {"results_comparison.png": plot_comparison, "training_curves.png": plot_training_curves,
+           "weight_histograms.png": plot_weight_histograms, "sparsity_bytes.png": plot_sparsity_bytes,
+           "admm_residual.png": plot_admm_residual}
 
 
 def plot_all(results_dir="results", out_dir=None, tag="study", log=print) -> dict:

@@ -1,10 +1,8 @@
-"""results/results.csv: one row per evaluation, appended under a file lock, rewritten atomically; and the
-fixed-width text tables the scripts print.
+"""results/results.csv, one row per evaluation, and the fixed-width text tables the scripts print.
 
-Appending reads every existing row, adds the new one and writes the whole table to a temp file that
-replaces the old one, all while holding `results.csv.lock`. So two concurrent evals never lose or
-interleave a row, a crash never leaves half a row, and a table from an older version (fewer or
-reordered columns) keeps all its rows: the new header is the union of old and current columns.
+An append rewrites the whole table atomically under `results.csv.lock`, so concurrent evals never lose or interleave a
+row, a crash never leaves half a row, and an older table (fewer or reordered columns) keeps every row: the new header
+is the union of the old and current columns.
 """
 import csv
 import io
@@ -31,12 +29,10 @@ def read_results(path) -> tuple[list[str], list[dict]]:
         return [], []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+        rows, columns = list(reader), list(reader.fieldnames or [])
     for i, row in enumerate(rows, start=2):
-        if None in row or any(v is None for v in row.values()):
-            raise ResultsError(f"{path}: line {i} does not match the header; fix or move the file "
-                               f"(nothing was written)")
+        if None in row or None in row.values():
+            raise ResultsError(f"{path}: line {i} does not match the header; fix or move the file (nothing was written)")
     return columns, rows
 
 
@@ -45,20 +41,17 @@ def append_result(path, row: dict) -> None:
     path = Path(path)
     with locked(path):
         columns, rows = read_results(path)
-        columns = list(dict.fromkeys(columns + COLUMNS + list(row)))
-        rows.append(row)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(columns + COLUMNS + list(row))), restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(rows + [row])
         atomic_write_text(path, buffer.getvalue())
 
 
 def format_table(rows: list[dict], columns: list[tuple]) -> str:
     """Fixed-width text table; columns are (key, header, format spec)."""
-    cells = [[h for _, h, _ in columns]]
-    for row in rows:
-        cells.append([format(row[k], spec) if isinstance(row[k], (int, float)) else str(row[k]) for k, _, spec in columns])
+    cells = [[h for _, h, _ in columns]] + [[format(row[k], spec) if isinstance(row[k], (int, float)) else str(row[k])
+                                             for k, _, spec in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,6 +1,7 @@
 """The seed study behind report.md: every (mode, seed) trained, evaluated, packed, plotted and tabulated.
 
-    MNIST is decoded once; per seed the 5,000-image validation split is re-drawn (as load_mnist would)
+    MNIST is decoded once per process; per seed the 5,000-image validation split is re-drawn (as load_mnist
+    would); the (mode, seed) runs go to `workers` processes side by side
     for each seed, mode:   runs.train_checkpoint -> checkpoints/{mode}_seed{s}.pth
                            runs.evaluate_checkpoint -> one results.csv row tagged "study"
                            -> results/history/{mode}_seed{s}.csv   (per-epoch history, ADMM residual and rho)
@@ -83,16 +84,12 @@ def run_name(mode: str, seed) -> str:
 
 
 def resplit(full: MNIST, val_size: int, seed: int, train_subset: int | None = None) -> MNIST:
-    """The split load_mnist(val_size=val_size, split_seed=seed, train_subset=...) gives, from an unsplit load.
-
-    `full` must come from load_mnist(val_size=0), whose train tensors are all 60,000 images in file order;
-    re-drawing the split then costs one index gather instead of decoding and hashing the IDX files again.
-    """
+    """load_mnist(val_size=val_size, split_seed=seed, train_subset=...)'s split, by one index gather from
+    `full` = load_mnist(val_size=0) (all 60,000 training images in file order) instead of a second decode."""
     if len(full.val_y):
         raise ValueError("resplit needs an unsplit load (load_mnist(..., val_size=0))")
     train_idx, val_idx = split_indices(len(full.train_y), val_size, seed)
-    if train_subset is not None:
-        train_idx = train_idx[:train_subset]
+    train_idx = train_idx[:train_subset] if train_subset is not None else train_idx
     return MNIST(train_x=full.train_x[train_idx], train_y=full.train_y[train_idx],
                  val_x=full.train_x[val_idx], val_y=full.train_y[val_idx],
                  test_x=full.test_x, test_y=full.test_y, checksum=full.checksum)
@@ -114,11 +111,8 @@ def weight_summary(ckpt: dict, bins: int = HIST_BINS) -> dict:
                  "latent_distinct": int(min(np.unique(w).size, 1000)), "ternary": name in export["ternary"]}
         if entry["ternary"]:
             layer = export["ternary"][name]
-            entry.update({
-                "delta": [float(v) for v in layer["delta"].reshape(-1)],
-                "w_p": [float(v) for v in layer["w_p"].reshape(-1)],
-                "w_n": [float(v) for v in layer["w_n"].reshape(-1)],
-                "code_fractions": code_mix(layer["codes"])})
+            entry.update({key: [float(v) for v in layer[key].reshape(-1)] for key in ("delta", "w_p", "w_n")},
+                         code_fractions=code_mix(layer["codes"]))
         layers.append(entry)
     return {"mode": ckpt["mode"], "seed": ckpt["seed"], "bins": bins,
             "source": "checkpoint state_dict (latent weights) and export (codes, scales, delta)", "layers": layers}
@@ -196,11 +190,10 @@ def _run_in_worker(job: tuple) -> dict:
 def run_study(plan: Plan, log=print) -> dict:
     """Train, evaluate, write artefacts, pack and verify; returns {"rows": results rows, "seconds": wall time}.
 
-    With plan.workers > 1 the runs (then the packing) go to that many processes, each with the caller's torch
-    thread count (reproduce.py sets cores // workers): on a small CPU, single-threaded runs side by side finish the study sooner than one
-    two-threaded run at a time, whose threads wait on each other at every operator. A run's numbers depend on
-    its thread count (summation order), which study.json records. Rows reach results.csv in plan order.
-    Plots and report tables are separate steps (quant.plotting.plot_all, quant.report.refresh).
+    With plan.workers > 1 the runs, then the packing, go to that many processes with the caller's torch thread
+    count (reproduce.py: cores // workers): one-thread runs side by side beat one two-thread run whose threads
+    wait on each other at every operator. A run's numbers depend on its thread count (summation order), which
+    study.json records. Rows reach results.csv in plan order. Plots and tables: plot_all, report.refresh.
     """
     unknown = [m for m in plan.modes if m not in METHODS]
     if unknown:

@@ -352,7 +352,8 @@ def expected_values(results_dir: Path, tag="study") -> dict:
         st = exp["setup_table"]
         st[("Command", "Value")] = f"`{info['command']}`"
         st[("CPU (lscpu model name)", "Value")] = info["cpu"]
-        st[("Logical CPUs / torch threads", "Value")] = [info["logical_cpus"], info["torch_threads"]]
+        st[("Logical CPUs / worker processes / torch threads per run", "Value")] = [
+            info["logical_cpus"], info.get("workers", 1), info["torch_threads"]]
         st[("torch / Python", "Value")] = f"{info['torch']} / {info['python']}"
         st[("Device", "Value")] = info["device"]
         st[("Seeds", "Value")] = [*info["plan"]["seeds"]]
