@@ -1,9 +1,6 @@
-"""Pack checkpoints into deployment files (and ONNX), verify them against the checkpoint, tabulate their sizes.
-
-`pack_and_verify` is the one pipeline behind deployment_compression.py and reproduce.py. The file format is
-docs/deployment_format.md (quant/deploy_format.py, codecs in quant/packing.py); the ONNX graph is built by
-quant/onnx_export.py.
-"""
+"""Pack checkpoints into deployment files (quant/deploy_format.py) and ONNX (quant/onnx_export.py), verify them
+against the checkpoint and tabulate their sizes: `pack_and_verify`, behind deployment_compression.py and
+reproduce.py."""
 import csv
 import io
 from functools import partial
@@ -17,7 +14,7 @@ from .deploy_format import INPUT_SHAPE, code_patches, deployed_layers, load_infe
 from .errors import QuantError
 from .export import rebuild_model
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .packing import ENCODINGS, code_mix, entropy_bits, get_codec
+from .packing import ENCODINGS, entropy_bits, get_codec
 
 
 class PackError(QuantError, RuntimeError):
@@ -30,10 +27,6 @@ def predict(net, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
-def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (preds == labels).sum().item() / len(labels)
-
-
 def pixels_of(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels of MNIST images normalised by quant/data.py, recovered exactly (checked) for the ONNX input."""
     pixels = torch.round((x.double() * STD + MEAN) * 255).clamp(0, 255).to(torch.uint8)
@@ -42,68 +35,43 @@ def pixels_of(x: torch.Tensor) -> torch.Tensor:
     return pixels
 
 
-def state_dict_bytes(export: dict) -> int:
-    """Size of torch.save(state_dict) of the same model in FP32: what shipping it unpacked would cost."""
-    buffer = io.BytesIO()
-    torch.save(rebuild_model(export).state_dict(), buffer)
-    return buffer.getbuffer().nbytes
-
-
 def size_report(export: dict, fold_bn: bool = True) -> list[dict]:
-    """Per weight layer plus a "total" row: weights and their bytes as FP32 and in every encoding, the order-0
-    entropy bound, and how far the entropy code lands from it.
-
-    Measured on the codes as stored (BN folding negates the codes of channels with gamma < 0). Counts code
-    blocks only (scales, biases and the file header are in the file size, not here); bytes_entropy is the
-    real block length (tables, row classes and lane states included). A layer kept FP counts 4 bytes/weight
-    in every column. order0_bytes = n * H / 8, H from packing.entropy_bits; gap_entropy = bytes_entropy -
-    order0_bytes (negative: the context model beats the order-0 bound).
-    """
+    """Per weight layer plus a "total" row: weights, their bytes as FP32 and in every encoding (code blocks only,
+    as stored: BN folding negates some channels' codes; a layer kept FP counts 4 B/weight everywhere), the order-0
+    bound order0_bytes = n H / 8 (packing.entropy_bits) and gap_entropy = bytes_entropy - order0_bytes."""
     stored, network = deployed_layers(export, fold_bn)
-    shape_of = lambda name: list(stored["float"][name].shape if name in stored["float"]
-                                 else stored["ternary"][name.removesuffix(".weight")]["codes"].shape)
-    patches = code_patches(network, INPUT_SHAPE, shape_of)
+    weights = {**stored["float"], **{f"{layer}.weight": e["codes"] for layer, e in stored["ternary"].items()}}
     rows = []
-    for name, patch in patches.items():
-        layer = name.removesuffix(".weight")
-        if layer in stored["ternary"]:
-            codes = stored["ternary"][layer]["codes"]
-            n, h = codes.numel(), entropy_bits(codes)
-            row = {"layer": layer, "ternary": True, "weights": n, "fp32_bytes": 4 * n,
-                   **{f"bytes_{e}": len(get_codec(e).encode(codes, patch)) for e in ENCODINGS},
-                   "zero_fraction": code_mix(codes)["0"], "order0_bits": h, "order0_bytes": n * h / 8}
-        else:
-            weight = stored["float"][name]
-            n = weight.numel()
-            row = {"layer": layer, "ternary": False, "weights": n, "fp32_bytes": 4 * n,
-                   **{f"bytes_{e}": 4 * n for e in ENCODINGS},
-                   "zero_fraction": (weight == 0).sum().item() / n, "order0_bits": None, "order0_bytes": 4 * n}
-        rows.append(row)
+    for name, patch in code_patches(network, INPUT_SHAPE, lambda name: list(weights[name].shape)).items():
+        w, ternary = weights[name], name not in stored["float"]
+        n, h = w.numel(), entropy_bits(w) if ternary else None
+        rows.append({"layer": name.removesuffix(".weight"), "ternary": ternary, "weights": n, "fp32_bytes": 4 * n,
+                     **{f"bytes_{e}": len(get_codec(e).encode(w, patch)) if ternary else 4 * n for e in ENCODINGS},
+                     "zero_fraction": (w == 0).sum().item() / n, "order0_bits": h,
+                     "order0_bytes": n * h / 8 if ternary else 4 * n})
     total = {"layer": "total", "ternary": all(r["ternary"] for r in rows)}
     for key in ("weights", "fp32_bytes", *(f"bytes_{e}" for e in ENCODINGS), "order0_bytes"):
         total[key] = sum(r[key] for r in rows)
     total["zero_fraction"] = sum(r["zero_fraction"] * r["weights"] for r in rows) / total["weights"]
     total["order0_bits"] = 8 * total["order0_bytes"] / total["weights"]
-    rows.append(total)
-    for r in rows:
+    for r in (*rows, total):
         for e in ENCODINGS:
             r[f"bits_per_weight_{e}"] = 8 * r[f"bytes_{e}"] / r["weights"]
             r[f"compression_{e}"] = r["fp32_bytes"] / r[f"bytes_{e}"]
         r["gap_entropy"] = r["bytes_entropy"] - r["order0_bytes"]
-    return rows
+    return [*rows, total]
 
 
 def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn: bool = True,
                     float_dtype: str = "fp32", onnx: bool = False) -> dict:
-    """Write the deployment files (and, with onnx, <stem>.onnx) of one checkpoint and return its summary.
-
-    With `mnist`, every file is loaded back alone and its test predictions compared with the checkpoint's
-    ternary model (mismatches_<encoding>, mismatches_onnx). "layers" is present only if it was packed.
-    """
+    """Write the deployment files (and, with onnx, <stem>.onnx) of one checkpoint and return its summary. With
+    `mnist`, every file is loaded back alone and its test predictions compared with the checkpoint's ternary
+    model (mismatches_<format>). "layers" is present only if it was packed."""
     ckpt = load_checkpoint(path)
-    export = ckpt["export"]
+    export, buffer = ckpt["export"], io.BytesIO()
+    torch.save(rebuild_model(export).state_dict(), buffer)  # what shipping the model unpacked would cost
     summary = {"checkpoint": str(path), "mode": ckpt["mode"], "checkpoint_bytes": path.stat().st_size,
-               "fp32_state_dict_bytes": state_dict_bytes(export)}
+               "fp32_state_dict_bytes": buffer.getbuffer().nbytes}
     if not export["ternary"]:
         summary["note"] = (f"{path}: not packed ({ckpt['mode']} checkpoint has no ternary layer; "
                            f"{summary['checkpoint_bytes']:,} B on disk)")
@@ -111,71 +79,57 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
     summary.update(fold_bn=fold_bn, float_dtype=float_dtype)
     if mnist is not None:
         reference = predict(rebuild_model(export), mnist.test_x)
-        summary["test_acc_checkpoint"] = accuracy(reference, mnist.test_y)
+        summary["test_acc_checkpoint"] = 100.0 * (reference == mnist.test_y).sum().item() / len(mnist.test_y)
     metadata = {"checkpoint": path.name, "mode": ckpt["mode"], "seed": ckpt.get("seed")}
+
+    def write(fmt: str, suffix: str, data: bytes, load, x):
+        out = path.with_name(f"{path.stem}{suffix}")
+        atomic_write_bytes(out, data)
+        summary[f"file_{fmt}"], summary[f"file_bytes_{fmt}"] = str(out), out.stat().st_size
+        if mnist is not None:
+            preds = predict(load(out), x(mnist.test_x))
+            summary[f"test_acc_{fmt}"] = 100.0 * (preds == mnist.test_y).sum().item() / len(mnist.test_y)
+            summary[f"mismatches_{fmt}"] = int((preds != reference).sum())
+
     data = None
     for encoding in encodings:
-        out = path.with_name(f"{path.stem}.{encoding}.tern")
         data = pack(export, encoding, fold_bn=fold_bn, float_dtype=float_dtype, metadata=metadata)
-        atomic_write_bytes(out, data)
-        summary[f"file_{encoding}"] = str(out)
-        summary[f"file_bytes_{encoding}"] = out.stat().st_size
-        if mnist is not None:
-            preds = predict(load_inference(out), mnist.test_x)
-            summary[f"test_acc_{encoding}"] = accuracy(preds, mnist.test_y)
-            summary[f"mismatches_{encoding}"] = int((preds != reference).sum())
+        write(encoding, f".{encoding}.tern", data, load_inference, lambda x: x)
     if onnx:
         from .onnx_export import load_onnx, to_onnx  # onnx and onnxruntime only when asked for
 
         model = to_onnx(*unpack(data or pack(export, "2bit", fold_bn=fold_bn, float_dtype=float_dtype)))
-        out = path.with_name(f"{path.stem}.onnx")
-        atomic_write_bytes(out, model)
-        summary["file_onnx"], summary["file_bytes_onnx"] = str(out), out.stat().st_size
-        if mnist is not None:
-            preds = predict(load_onnx(out), pixels_of(mnist.test_x))
-            summary["test_acc_onnx"] = accuracy(preds, mnist.test_y)
-            summary["mismatches_onnx"] = int((preds != reference).sum())
+        write("onnx", ".onnx", model, load_onnx, pixels_of)
     summary["layers"] = size_report(export, fold_bn)
     return summary
-
-
-def differing(summaries: list[dict]) -> list[str]:
-    """"<checkpoint> <format>" for every verified file whose predictions differ from its checkpoint's."""
-    return [f"{s['checkpoint']} {key.removeprefix('mismatches_')}" for s in summaries for key in s
-            if key.startswith("mismatches_") and s[key]]
 
 
 def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, onnx: bool = False, fold_bn: bool = True,
                     float_dtype: str = "fp32", results_dir: Path | None = None, command: str = "",
                     show=lambda summary: None, map_fn=map) -> dict:
-    """Pack every checkpoint in `paths`, verify (with `mnist`), write deployment.csv/.json into results_dir.
-
-    `map_fn` runs pack_checkpoint over the paths (a process pool's map packs them side by side).
-    `show(summary)` is called once per packed checkpoint, before any PackError, so a caller can print it.
-    Returns {"checkpoints": packed summaries, "not_packed": summaries of checkpoints without ternary layers};
-    raises PackError if any verified file's predictions differ from its checkpoint's.
-    """
-    pack = partial(pack_checkpoint, encodings=encodings, mnist=mnist, fold_bn=fold_bn, float_dtype=float_dtype, onnx=onnx)
-    summaries = list(map_fn(pack, [Path(p) for p in paths]))
+    """Pack every checkpoint in `paths`, verify (with `mnist`), write deployment.json (nested) and deployment.csv
+    (a row per layer and total, checkpoint columns repeated) into results_dir. `map_fn` runs pack_checkpoint over
+    the paths (a process pool's map packs them side by side); `show(summary)` is called once per packed checkpoint.
+    Returns {"checkpoints": packed, "not_packed": checkpoints without ternary layers}; then raises PackError if
+    any verified file's predictions differ from its checkpoint's."""
+    job = partial(pack_checkpoint, encodings=encodings, mnist=mnist, fold_bn=fold_bn, float_dtype=float_dtype,
+                  onnx=onnx)
+    summaries = list(map_fn(job, [Path(p) for p in paths]))
     packed, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
     for s in packed:
         show(s)
     if results_dir is not None and packed:
-        write_results(Path(results_dir), packed, not_packed, command)
-    differ = differing(packed)
+        results_dir = Path(results_dir)
+        atomic_write_json(results_dir / "deployment.json", {"command": command, "checkpoints": packed,
+                                                            "not_packed": not_packed})
+        rows = [{**{k: v for k, v in s.items() if k != "layers"}, **layer} for s in packed for layer in s["layers"]]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(results_dir / "deployment.csv", buffer.getvalue())
+    differ = [f"{s['checkpoint']} {key.removeprefix('mismatches_')}" for s in packed for key in s
+              if key.startswith("mismatches_") and s[key]]
     if differ:
         raise PackError(f"packed predictions differ from the checkpoint's for {', '.join(differ)}")
     return {"checkpoints": packed, "not_packed": not_packed}
-
-
-def write_results(results_dir: Path, summaries: list[dict], not_packed: list[dict], command: str) -> None:
-    """deployment.json (nested) and deployment.csv (one row per layer and total, checkpoint columns repeated)."""
-    atomic_write_json(results_dir / "deployment.json", {"command": command, "checkpoints": summaries,
-                                                        "not_packed": not_packed})
-    rows = [{**{k: v for k, v in s.items() if k != "layers"}, **layer} for s in summaries for layer in s["layers"]]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(results_dir / "deployment.csv", buffer.getvalue())

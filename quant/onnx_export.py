@@ -1,23 +1,11 @@
 """ONNX export of a deployment file: standard operators (opset 13), ternary weights kept as int8 codes.
 
-`to_onnx(manifest, tensors)` translates the file's op list one op at a time, so the ONNX model computes what
-the file specifies (docs/deployment_format.md, "Ops"):
-
-    input "pixels"  uint8 [N, C, H, W]  -> Cast -> Div(divisor) -> Sub(mean) -> Div(std)   the file's normalisation
-    conv2d -> Conv (stride 1, no padding)      batch_norm -> BatchNormalization (files packed with --no-fold-bn)
-    relu -> Relu    max_pool2d -> MaxPool (kernel = stride)    flatten -> Flatten(axis=1)    linear -> Gemm(transB=1)
-    output "logits" float32 [N, 10]
-
-A ternary weight is stored as its int8 codes T and dequantised in the graph, QDQ style (DequantizeLinear,
-zero point 0, one scale per output channel on axis 0, or one per tensor):
-    w_p = w_n = alpha (TWN, ADMM):  W = DequantizeLinear(T, alpha)
-    w_p != w_n (TTQ):               W = DequantizeLinear(Max(T, 0), w_p) + DequantizeLinear(Min(T, 0), w_n)
-Both are exact: every product is a level times 0 or +-1. int8 is the narrowest integer type that
-DequantizeLinear takes in opset 13 and onnxruntime's CPU provider runs.
-
-The graph is built with onnx.helper rather than torch.onnx.export: the exporter of recent torch versions needs
-onnxscript and would trace float weights from a model, where translating the file keeps its codes, folded
-BatchNorm and normalisation exactly as stored.
+`to_onnx` translates the file's ops one by one (docs/deployment_format.md section 5), normalising uint8 "pixels"
+[N, C, H, W] in the graph, to float32 "logits" [N, 10]. A ternary weight is dequantised in the graph, QDQ style
+(zero point 0, scales per tensor or per output channel): DequantizeLinear(T, alpha) where w_p = w_n (TWN, ADMM),
+else DequantizeLinear(Max(T, 0), w_p) + DequantizeLinear(Min(T, 0), w_n) (TTQ); both exact. int8 is the narrowest
+type DequantizeLinear takes in opset 13 that onnxruntime's CPU provider runs. Built with onnx.helper, not
+torch.onnx.export, which would trace float weights and need onnxscript.
 """
 import os
 
@@ -44,6 +32,9 @@ def to_onnx(manifest: dict, tensors: dict) -> bytes:
         nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
+    def vector(name):
+        return const(name, tensors[name].float().numpy())
+
     def scale(name):  # [1] -> scalar (per-tensor), [O] stays (per-channel, axis 0)
         value = tensors[name].float().numpy()
         return const(name, value.reshape(()) if value.size == 1 else value)
@@ -51,7 +42,7 @@ def to_onnx(manifest: dict, tensors: dict) -> bytes:
     def weight(name):
         rec = next((r for r in manifest["ternary"] if r["name"] == name), None)
         if rec is None:
-            return const(name, tensors[name].float().numpy())
+            return vector(name)
         codes = const(f"{name}.codes", tensors[name].numpy().astype(np.int8))
         zero = const(f"{name}.zero_point", np.zeros(rec["shape"][0] if tensors[rec["w_p"]].numel() > 1 else (),
                                                     np.int8))
@@ -63,30 +54,22 @@ def to_onnx(manifest: dict, tensors: dict) -> bytes:
                             node("DequantizeLinear", [neg, scale(rec["w_n"]), zero], f"{name}.w_n_part", axis=0)],
                     name)
 
-    def vector(name):
-        return const(name, tensors[name].float().numpy())
-
     x = node("Cast", ["pixels"], "pixels_float", to=TensorProto.FLOAT)
     x = node("Div", [x, const("divisor", np.float32(spec["divisor"]))], "scaled")
     x = node("Sub", [x, const("mean", np.float32(spec["mean"]).reshape(1, channels, 1, 1))], "centred")
     x = node("Div", [x, const("std", np.float32(spec["std"]).reshape(1, channels, 1, 1))], "normalised")
     for i, op in enumerate(manifest["network"]):
-        out, kind = f"op{i}_{op['op']}", op["op"]
-        bias = [vector(op["bias"])] if kind in ("conv2d", "linear") and op["bias"] else []
-        if kind == "conv2d":
-            x = node("Conv", [x, weight(op["weight"]), *bias], out)
-        elif kind == "linear":
-            x = node("Gemm", [x, weight(op["weight"]), *bias], out, transB=1)
-        elif kind == "batch_norm":
-            x = node("BatchNormalization", [x, *(vector(op[k]) for k in ("weight", "bias", "running_mean",
-                                                                        "running_var"))], out, epsilon=op["eps"])
-        elif kind == "relu":
-            x = node("Relu", [x], out)
-        elif kind == "max_pool2d":
-            k = op["kernel_size"]
-            x = node("MaxPool", [x], out, kernel_shape=[k, k], strides=[k, k])
-        elif kind == "flatten":
-            x = node("Flatten", [x], out, axis=1)
+        kind, k = op["op"], op.get("kernel_size")
+        if kind == "batch_norm":
+            inputs = [vector(op[key]) for key in ("weight", "bias", "running_mean", "running_var")]
+        else:  # bias before weight: the initializer order fixes the ONNX bytes
+            bias = [vector(op["bias"])] if op.get("bias") else []
+            inputs = [weight(op["weight"]), *bias] if "weight" in op else []
+        onnx_op, attrs = {"conv2d": ("Conv", {}), "linear": ("Gemm", {"transB": 1}), "relu": ("Relu", {}),
+                          "batch_norm": ("BatchNormalization", {"epsilon": op.get("eps")}),
+                          "max_pool2d": ("MaxPool", {"kernel_shape": [k, k], "strides": [k, k]}),
+                          "flatten": ("Flatten", {"axis": 1})}[kind]
+        x = node(onnx_op, [x, *inputs], f"op{i}_{kind}", **attrs)
     nodes.append(helper.make_node("Identity", [x], ["logits"], name="logits"))
     graph = helper.make_graph(
         nodes, "ternary_lenet5",

@@ -534,7 +534,7 @@ def test_unparsable_manifest_rejected():
         one_line_rejection(seal(None, payload, raw_manifest=raw), "manifest")
 
 
-@pytest.mark.parametrize("encoding, bad_byte, match", [("2bit", 0xFF, "0b11"), ("base3", 250, "242"),
+@pytest.mark.parametrize("encoding, bad_byte, match", [("2bit", 0xFF, "invalid 2bit"), ("base3", 250, "invalid base3"),
                                                        ("entropy", 0, "zero frequency")])
 def test_invalid_code_bytes_rejected(encoding, bad_byte, match):
     manifest, payload = split(packed("all", encoding, True))
