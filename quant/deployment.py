@@ -68,8 +68,8 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
     `mnist`, every file is loaded back alone and its test predictions compared with the checkpoint's ternary
     model (mismatches_<format>). "layers" is present only if it was packed."""
     ckpt = load_checkpoint(path)
-    export, buffer = ckpt["export"], io.BytesIO()
-    torch.save(rebuild_model(export).state_dict(), buffer)  # what shipping the model unpacked would cost
+    export, model, buffer = ckpt["export"], rebuild_model(ckpt["export"]), io.BytesIO()
+    torch.save(model.state_dict(), buffer)  # what shipping the model unpacked would cost
     summary = {"checkpoint": str(path), "mode": ckpt["mode"], "checkpoint_bytes": path.stat().st_size,
                "fp32_state_dict_bytes": buffer.getbuffer().nbytes}
     if not export["ternary"]:
@@ -78,7 +78,7 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
         return summary
     summary.update(fold_bn=fold_bn, float_dtype=float_dtype)
     if mnist is not None:
-        reference = predict(rebuild_model(export), mnist.test_x)
+        reference = predict(model, mnist.test_x)
         summary["test_acc_checkpoint"] = 100.0 * (reference == mnist.test_y).sum().item() / len(mnist.test_y)
     metadata = {"checkpoint": path.name, "mode": ckpt["mode"], "seed": ckpt.get("seed")}
 
@@ -98,8 +98,8 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
     if onnx:
         from .onnx_export import load_onnx, to_onnx  # onnx and onnxruntime only when asked for
 
-        model = to_onnx(*unpack(data or pack(export, "2bit", fold_bn=fold_bn, float_dtype=float_dtype)))
-        write("onnx", ".onnx", model, load_onnx, pixels_of)
+        graph = to_onnx(*unpack(data or pack(export, "2bit", fold_bn=fold_bn, float_dtype=float_dtype)))
+        write("onnx", ".onnx", graph, load_onnx, pixels_of)
     summary["layers"] = size_report(export, fold_bn)
     return summary
 

@@ -221,8 +221,8 @@ def run_study(plan: Plan, log=print) -> dict:
             rows.append(done["row"])
             runs.append(done["run"])
         # Every checkpoint of the tag (also from earlier runs of other modes), as deployment.csv is rewritten whole.
-        checkpoints = [p for p in study_checkpoints(results_path, plan.tag) if load_checkpoint(p)["export"]["ternary"]]
-        if checkpoints:
+        checkpoints = study_checkpoints(results_path, plan.tag)
+        if any(load_checkpoint(p)["export"]["ternary"] for p in checkpoints):
             command = "deployment_compression.py --verify --onnx " + " ".join(f"--checkpoint {p}" for p in checkpoints)
             show = (lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
                 f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"

@@ -1,6 +1,7 @@
 """The study runner: side-by-side worker processes give the same numbers, rows and files as one process."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,8 +19,10 @@ def study(tmp_path, data_dir, workers: int) -> dict:
     run_study(plan, log=lambda line: None)
     with open(out / "results" / "results.csv", newline="") as f:
         rows = [{k: v for k, v in row.items() if k not in VARYING} for row in csv.DictReader(f)]
-    deployment = json.loads((out / "results" / "deployment.json").read_text())["checkpoints"]
-    return {"rows": rows, "out": out, "threads": json.loads((out / "results" / "study.json").read_text())["torch_threads"],
+    deployment = json.loads((out / "results" / "deployment.json").read_text())
+    not_packed = sorted(Path(s["checkpoint"]).name for s in deployment["not_packed"])
+    deployment = deployment["checkpoints"]
+    return {"rows": rows, "out": out, "not_packed": not_packed, "threads": json.loads((out / "results" / "study.json").read_text())["torch_threads"],
             "bytes": [{k: v for k, v in s.items() if k.startswith(("file_bytes_", "mismatches_"))} for s in deployment]}
 
 
@@ -33,6 +36,7 @@ def test_workers_match_one_process(tmp_path, synthetic_mnist):
     assert one["threads"] == two["threads"] == 1
     assert [(r["mode"], r["seed"]) for r in two["rows"]] == [(m, s) for s in ("0", "1") for m in ("fp", "twn", "admm")]
     assert one["rows"] == two["rows"] and one["bytes"] == two["bytes"]
+    assert one["not_packed"] == two["not_packed"] == ["fp_seed0.pth", "fp_seed1.pth"]  # listed, not packed
     assert len(two["bytes"]) == 4 and all(v == 0 for s in two["bytes"] for k, v in s.items() if k.startswith("mismatches_"))
     for name in ("fp_seed1", "twn_seed0", "admm_seed1"):
         a, b = (np.load(r["out"] / "results" / "predictions" / f"{name}.npy") for r in (one, two))
