@@ -49,7 +49,7 @@ def parse_args():
                         help="runs trained side by side in separate processes (default: one per CPU core on the "
                              "CPU, 1 on a GPU)")
     parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads per run (default: CPU cores // workers)")
+                        help="torch CPU threads per run (default: torch's default thread count // workers)")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: results (--quick: results/quick)")
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="default: checkpoints")
     parser.add_argument("--reuse", action="store_true",
@@ -64,7 +64,7 @@ def main():
     args = parse_args()
     device = pick_device(args.device)
     workers = args.workers or (1 if device.type == "cuda" else os.cpu_count() or 1)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() // workers))  # torch's cores, shared
     given = {k: v for k, v in {"seeds": args.seeds, "epochs": args.epochs, "train_subset": args.train_subset,
                                "results_dir": args.results_dir}.items() if v is not None}
     common = {"modes": args.modes, "val_size": args.val_size, "checkpoint_dir": args.checkpoint_dir, "data_dir": args.data_dir,
