@@ -18,56 +18,37 @@ import torch
 
 from .errors import QuantError
 from .model import LeNet5, QUANT_LAYERS
-from .packing import code_counts
+from .packing import code_counts, dequantize
 
 
 class NotTernaryError(QuantError, ValueError):
     """A layer claimed ternary holds values other than {-w_n, 0, +w_p} in some scale group."""
 
 
-def _per_group(scale: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Reshape a [g] scale so it broadcasts over a weight with `ndim` dims (g = 1 or out_channels)."""
-    return scale.reshape(-1, *([1] * (ndim - 1)))
-
-
-def dequantize(codes: torch.Tensor, w_p: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
-    """W = w_p * [T = +1] - w_n * [T = -1], scales broadcast per output channel."""
-    c = codes.float()
-    pos = _per_group(w_p.float(), c.ndim)
-    neg = _per_group(w_n.float(), c.ndim)
-    return (c > 0) * pos - (c < 0) * neg
-
-
-def make_layer(codes, w_p, w_n, delta) -> dict:
-    """Normalise one ternary layer's export entry (dtypes, 1-D scales, detached CPU tensors)."""
-    as_vec = lambda v: torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1).cpu().clone()
-    return {"codes": codes.detach().to(torch.int8).cpu().clone(), "w_p": as_vec(w_p),
-            "w_n": as_vec(w_n), "delta": as_vec(delta)}
-
-
 def build_export(model: LeNet5, ternary: dict) -> dict:
-    """Combine per-layer ternary entries with the FP rest of `model` (quantizer state excluded)."""
-    dropped = {f"{name}.weight" for name in ternary}
+    """Combine per-layer ternary entries {codes, w_p, w_n, delta} with the FP rest of `model` (quantizer state
+    excluded), all as detached CPU copies: int8 codes, 1-D float32 scales."""
+    vec = lambda v: torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1).cpu().clone()
     floats = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-              if ".quantizer." not in k and k not in dropped}
-    return {"ternary": {name: make_layer(**entry) for name, entry in ternary.items()}, "float": floats}
+              if ".quantizer." not in k and k.removesuffix(".weight") not in ternary}
+    return {"ternary": {name: {"codes": e["codes"].detach().to(torch.int8).cpu().clone(),
+                               "w_p": vec(e["w_p"]), "w_n": vec(e["w_n"]), "delta": vec(e["delta"])}
+                        for name, e in ternary.items()}, "float": floats}
 
 
 def check_ternary(export: dict) -> None:
     """Raise NotTernaryError unless every ternary layer is truly ternary per scale group."""
     for name, layer in export["ternary"].items():
-        codes = layer["codes"]
+        codes, w_p, w_n = layer["codes"], layer["w_p"], layer["w_n"]
         if codes.dtype != torch.int8 or not torch.isin(codes, torch.tensor([-1, 0, 1], dtype=torch.int8)).all():
             raise NotTernaryError(f"layer {name}: codes are not int8 values in {{-1, 0, +1}}")
-        groups = layer["w_p"].numel()
-        if groups not in (1, codes.shape[0]) or layer["w_n"].numel() != groups:
-            raise NotTernaryError(f"layer {name}: {groups} scales do not match {codes.shape[0]} output channels")
-        if not (torch.isfinite(layer["w_p"]).all() and torch.isfinite(layer["w_n"]).all()):
+        if w_p.numel() not in (1, codes.shape[0]) or w_n.numel() != w_p.numel():
+            raise NotTernaryError(f"layer {name}: {w_p.numel()} scales do not match {codes.shape[0]} output channels")
+        if not (torch.isfinite(w_p).all() and torch.isfinite(w_n).all()):
             raise NotTernaryError(f"layer {name}: non-finite scale")
-        if (layer["w_p"] < 0).any() or (layer["w_n"] < 0).any():
+        if (w_p < 0).any() or (w_n < 0).any():
             raise NotTernaryError(f"layer {name}: negative scale (w_p and w_n are magnitudes)")
-        weight = dequantize(codes, layer["w_p"], layer["w_n"]).reshape(groups, -1)
-        worst = max(len(torch.unique(row)) for row in weight)
+        worst = max(len(torch.unique(row)) for row in dequantize(codes, w_p, w_n).reshape(w_p.numel(), -1))
         if worst > 3:
             raise NotTernaryError(f"layer {name}: {worst} distinct values in one scale group (max 3)")
 
@@ -85,26 +66,21 @@ def rebuild_model(export: dict) -> LeNet5:
 
 def layer_table(export: dict) -> list[dict]:
     """Per quantizable layer: shape, params, distinct values, % of -1/0/+1, bits/weight, delta and scales."""
-    rows = []
+    rows, nan = [], float("nan")
     for name in QUANT_LAYERS:
-        if name in export["ternary"]:
-            layer = export["ternary"][name]
-            codes = layer["codes"]
-            weight = dequantize(codes, layer["w_p"], layer["w_n"])
-            n, counts = codes.numel(), code_counts(codes)
-            row = {"layer": name, "shape": "x".join(map(str, codes.shape)), "params": n,
-                   "distinct": int(torch.unique(weight).numel()), "bits": 2,
-                   "neg_pct": 100 * counts["-1"] / n, "zero_pct": 100 * counts["0"] / n, "pos_pct": 100 * counts["+1"] / n,
-                   "delta": layer["delta"].mean().item(), "w_p": layer["w_p"].mean().item(),
-                   "w_n": layer["w_n"].mean().item(), "groups": layer["w_p"].numel()}
+        layer = export["ternary"].get(name)
+        weight = dequantize(layer["codes"], layer["w_p"], layer["w_n"]) if layer else export["float"][f"{name}.weight"]
+        n = weight.numel()
+        row = {"layer": name, "shape": "x".join(map(str, weight.shape)), "params": n,
+               "distinct": int(torch.unique(weight).numel()), "bits": 2 if layer else 32}
+        if layer:
+            counts = code_counts(layer["codes"])
+            row.update(neg_pct=100 * counts["-1"] / n, zero_pct=100 * counts["0"] / n, pos_pct=100 * counts["+1"] / n,
+                       delta=layer["delta"].mean().item(), w_p=layer["w_p"].mean().item(),
+                       w_n=layer["w_n"].mean().item(), groups=layer["w_p"].numel())
         else:
-            weight = export["float"][f"{name}.weight"]
-            n = weight.numel()
-            row = {"layer": name, "shape": "x".join(map(str, weight.shape)), "params": n,
-                   "distinct": int(torch.unique(weight).numel()), "bits": 32,
-                   "neg_pct": float("nan"), "zero_pct": 100 * (weight == 0).sum().item() / n,
-                   "pos_pct": float("nan"), "delta": float("nan"), "w_p": float("nan"),
-                   "w_n": float("nan"), "groups": 0}
+            row.update(neg_pct=nan, zero_pct=100 * (weight == 0).sum().item() / n, pos_pct=nan, delta=nan, w_p=nan,
+                       w_n=nan, groups=0)
         rows.append(row)
     return rows
 
@@ -115,7 +91,8 @@ def size_summary(export: dict) -> dict:
     compression = 32 * weights / stored bits (weights only; biases/BN are counted in deployment.csv).
     zero_frac is measured on the deployed ternary codes, never on latent weights.
     """
-    model_params = sum(t.numel() for k, t in export["float"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    model_params = sum(t.numel() for k, t in export["float"].items()
+                       if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     ternary = sum(layer["codes"].numel() for layer in export["ternary"].values())
     fp_weights = sum(export["float"][f"{n}.weight"].numel() for n in QUANT_LAYERS if n not in export["ternary"])
     zeros = sum(code_counts(layer["codes"])["0"] for layer in export["ternary"].values())

@@ -1,6 +1,7 @@
 """Codecs for ternary codes (int8 values in {-1, 0, +1}): 2bit and base3 (fixed rate, docs/deployment_format.md
 section 3) and entropy (a context model driving an interleaved rANS coder, section 4: Duda, arXiv 1311.2540,
-Sec. 3; interleaving as in Giesen, arXiv 1402.3392), plus the code mix and the order-0 entropy bound.
+Sec. 3; interleaving as in Giesen, arXiv 1402.3392), plus the code mix, the order-0 entropy bound and
+dequantisation.
 
 Every codec encodes one layer's codes in C order (shape [O, ...]) to `bytes` and decodes them given the shape.
 Every byte string decodes to at most one code sequence; decoders reject anything else (invalid fields, non-zero
@@ -53,6 +54,12 @@ def entropy_bits(codes) -> float:
     p = np.array(list(code_mix(codes).values()))
     p = p[p > 0]
     return float(-(p * np.log2(p)).sum())
+
+
+def dequantize(codes: torch.Tensor, w_p: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
+    """W = w_p * [T = +1] - w_n * [T = -1] (TTQ, arXiv 1612.01064, Eq. 6), scales [1] or one per output channel."""
+    shape = (-1,) + (1,) * (codes.ndim - 1)
+    return (codes > 0) * w_p.float().reshape(shape) - (codes < 0) * w_n.float().reshape(shape)
 
 
 class FixedRate:

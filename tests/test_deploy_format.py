@@ -227,6 +227,8 @@ def test_normalisation_from_the_manifest_matches_training():
     images = pixels(8)
     manifest = df.unpack(packed("all", "2bit", True))[0]
     assert torch.equal(df.normalize(manifest["input"], images), normalise(images[:, 0]))
+    huge = {"divisor": 2**64, "mean": [2**63], "std": [2**70]}  # valid integers past int64 still normalise
+    assert torch.isfinite(df.normalize(huge, images)).all()
 
 
 DOC = ROOT / "docs" / "deployment_format.md"
@@ -616,6 +618,9 @@ def crafted(case: str) -> bytes:
     elif case == "eps_infinity":  # an unfolded file keeps its batch_norm ops
         manifest, payload = split(packed("all", "2bit", False))
         raw = zlib.compress(json.dumps(manifest).replace('"eps": 1e-05', '"eps": Infinity', 1).encode())
+    elif case == "eps_integer_of_400_digits":  # within Python's integer limit, beyond the double range
+        manifest, payload = split(packed("all", "2bit", False))
+        raw = zlib.compress(json.dumps(manifest).replace('"eps": 1e-05', '"eps": 1' + "0" * 400, 1).encode())
     elif case == "std_nan":
         manifest["input"]["std"] = [float("nan")]
     elif case == "mean_1e999":
@@ -651,6 +656,7 @@ CRAFTED = {  # case -> what the one-line error says
     "nested_30000": "nested too deeply",
     "inflates_to_1_gib": "inflates past 65536 bytes",
     "eps_infinity": "finite",
+    "eps_integer_of_400_digits": "finite",
     "std_nan": "finite",
     "mean_1e999": "finite",
     "integer_of_5000_digits": "manifest is not valid",
