@@ -221,8 +221,7 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
     manifest = {"encoding": encoding, "bn_folded": bool(fold_bn),
                 "input": {"shape": INPUT_SHAPE, "divisor": 255.0, "mean": [MEAN], "std": [STD]},
                 "payload_bytes": len(payload), **records, "network": network, "metadata": metadata or {}}
-    text = json.dumps(manifest, separators=(",", ":"), allow_nan=False, default=str)
-    body = zlib.compress(text.encode("utf-8"), 9)
+    body = zlib.compress(json.dumps(manifest, separators=(",", ":"), allow_nan=False, default=str).encode(), 9)
     data = _HEADER.pack(MAGIC, VERSION, len(body)) + body + payload
     return data + hashlib.sha256(data).digest()
 

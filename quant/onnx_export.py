@@ -18,26 +18,20 @@ OPSET = 13
 
 def to_onnx(manifest: dict, tensors: dict) -> bytes:
     """The serialised ONNX model of an unpacked deployment file (deploy_format.unpack's two results)."""
-    nodes, inits, names = [], [], set()
-    spec = manifest["input"]
-    channels = len(spec["mean"])
+    nodes, inits, spec = [], {}, manifest["input"]
 
     def const(name, array):  # an initializer, added once however many ops read it
-        if name not in names:
-            names.add(name)
-            inits.append(numpy_helper.from_array(np.asarray(array), name))
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.asarray(array), name)
         return name
 
     def node(op, inputs, output, **attrs):
         nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
-    def vector(name):
-        return const(name, tensors[name].float().numpy())
-
-    def scale(name):  # [1] -> scalar (per-tensor), [O] stays (per-channel, axis 0)
+    def vector(name, scale=False):  # a scale [1] becomes a scalar (per-tensor); [O] stays (per-channel, axis 0)
         value = tensors[name].float().numpy()
-        return const(name, value.reshape(()) if value.size == 1 else value)
+        return const(name, value.reshape(()) if scale and value.size == 1 else value)
 
     def weight(name):
         rec = next((r for r in manifest["ternary"] if r["name"] == name), None)
@@ -47,17 +41,17 @@ def to_onnx(manifest: dict, tensors: dict) -> bytes:
         zero = const(f"{name}.zero_point", np.zeros(rec["shape"][0] if tensors[rec["w_p"]].numel() > 1 else (),
                                                     np.int8))
         if rec["w_p"] == rec["w_n"]:
-            return node("DequantizeLinear", [codes, scale(rec["w_p"]), zero], name, axis=0)
+            return node("DequantizeLinear", [codes, vector(rec["w_p"], True), zero], name, axis=0)
         pos = node("Max", [codes, const(f"{name}.int8_zero", np.int8(0))], f"{name}.positive")
         neg = node("Min", [codes, f"{name}.int8_zero"], f"{name}.negative")
-        return node("Add", [node("DequantizeLinear", [pos, scale(rec["w_p"]), zero], f"{name}.w_p_part", axis=0),
-                            node("DequantizeLinear", [neg, scale(rec["w_n"]), zero], f"{name}.w_n_part", axis=0)],
-                    name)
+        return node("Add", [node("DequantizeLinear", [pos, vector(rec["w_p"], True), zero], f"{name}.w_p_part", axis=0),
+                            node("DequantizeLinear", [neg, vector(rec["w_n"], True), zero], f"{name}.w_n_part",
+                                 axis=0)], name)
 
     x = node("Cast", ["pixels"], "pixels_float", to=TensorProto.FLOAT)
     x = node("Div", [x, const("divisor", np.float32(spec["divisor"]))], "scaled")
-    x = node("Sub", [x, const("mean", np.float32(spec["mean"]).reshape(1, channels, 1, 1))], "centred")
-    x = node("Div", [x, const("std", np.float32(spec["std"]).reshape(1, channels, 1, 1))], "normalised")
+    x = node("Sub", [x, const("mean", np.float32(spec["mean"]).reshape(1, -1, 1, 1))], "centred")
+    x = node("Div", [x, const("std", np.float32(spec["std"]).reshape(1, -1, 1, 1))], "normalised")
     for i, op in enumerate(manifest["network"]):
         kind, k = op["op"], op.get("kernel_size")
         if kind == "batch_norm":
@@ -74,7 +68,7 @@ def to_onnx(manifest: dict, tensors: dict) -> bytes:
     graph = helper.make_graph(
         nodes, "ternary_lenet5",
         [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", *spec["shape"]])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializer=inits)
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializer=list(inits.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="quant.onnx_export",
                               doc_string="Ternary LeNet-5; input: raw uint8 pixels, normalised in the graph.")
     onnx.checker.check_model(model, full_check=True)

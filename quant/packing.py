@@ -145,14 +145,13 @@ def pack_entropy(codes, patch=(1, 1)) -> bytes:
           f"patch {height}x{width} does not tile rows of {sym.shape[1]} codes")
     ctx = _contexts(sym, patch)
     row_counts = np.stack([np.bincount(row, minlength=48) for row in 3 * ctx + sym]).reshape(rows, 16, 3)
-    best = None
+    candidates = []
     for k in (1, 2, 4, 8, 16)[:rows.bit_length()]:  # the class count giving the smallest block, tables included
-        classes = _row_classes(row_counts, k) if k > 1 else np.zeros(rows, np.int64)
+        classes = _row_classes(row_counts, k)
         tables = np.stack([_table(row_counts[classes == j].sum(0)) for j in range(k)])
         bits = -(row_counts * np.log2(tables[classes] / 256)).sum() + 8 * 32 * k + (k - 1).bit_length() * rows
-        if best is None or bits < best[0]:
-            best = (bits, k, classes, tables)
-    _, k, classes, tables = best
+        candidates.append((bits, k, classes, tables))
+    _, k, classes, tables = min(candidates, key=lambda c: c[0])  # the first of equals, as a strict < would keep
     lanes = max(d for d in range(1, max(1, min(MAX_LANES, a.size // LANE_CODES)) + 1) if rows % d == 0)
     freq, cum = (v[classes[:, None], ctx, sym].reshape(lanes, -1).T.copy()  # [step, lane], of each code
                  for v in (tables, np.cumsum(tables, -1) - tables))
