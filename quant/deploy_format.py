@@ -131,8 +131,7 @@ def trace_shapes(network, input_shape, shape_of) -> list:
             shape = [w[0], shape[1] - w[2] + 1, shape[2] - w[3] + 1] if kind == "conv2d" else [w[0]]
         elif kind == "max_pool2d":
             k = op["kernel_size"]
-            need(len(shape) == 3 and k <= shape[1] and k <= shape[2], f"kernel {k} does not fit an input of shape "
-                                                                       f"{shape}")
+            need(len(shape) == 3 and k <= min(shape[1:]), f"kernel {k} does not fit an input of shape {shape}")
             shape = [shape[0], shape[1] // k, shape[2] // k]
         elif kind == "flatten":
             shape = [math.prod(shape)]
@@ -352,8 +351,7 @@ def _check_manifest(manifest, payload_len: int) -> None:
                  f"{rec['name']}: length {rec['length']} but shape {rec['shape']} needs {expected} bytes")
     end = 0
     for rec in sorted(records.values(), key=lambda r: r["offset"]):
-        need(rec["offset"] == end, f"{rec['name']}: offset {rec['offset']}, expected {end} (blocks must tile the "
-                                   "payload)")
+        need(rec["offset"] == end, f"{rec['name']}: offset {rec['offset']}, expected {end} (blocks tile the payload)")
         end += rec["length"]
     need(end == payload_len, f"blocks cover {end} of {payload_len} payload bytes")
 
