@@ -104,11 +104,8 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
 def load_mnist(data_dir="data", val_size: int = 0, split_seed: int = 0, train_subset: int | None = None,
                verify_checksum: bool = True, allow_download: bool = True, test_only: bool = False) -> MNIST:
     """Load the four IDX files from `data_dir` (downloading if absent), verify them, split off `val_size` random
-    training images for validation (seeded by `split_seed`; none unless asked).
-
-    `train_subset` keeps the first N training images after the split (a short run for tuning or tests);
-    `test_only` skips decoding the training files (evaluation needs only the test set).
-    """
+    training images for validation (seeded by `split_seed`), then keep the first `train_subset` training images
+    (quick runs). `test_only` skips decoding the training files (evaluation needs only the test set)."""
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"{data_dir} is not a folder; {HINT}")
@@ -136,10 +133,8 @@ def load_mnist(data_dir="data", val_size: int = 0, split_seed: int = 0, train_su
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
-    """Yield (x, y) mini-batches sliced from in-memory tensors, shuffled by `generator` if given.
-
-    A trailing batch of one sample is dropped: BatchNorm cannot train on it.
-    """
+    """Yield (x, y) mini-batches sliced from in-memory tensors, shuffled by `generator` if given (then a trailing
+    batch of one sample is dropped: BatchNorm cannot train on it)."""
     n = len(y)
     # The permutation moves to x's device once: indexing CUDA data with a CPU index would copy (and wait) per batch.
     order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
@@ -152,10 +147,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by an independent random (dy, dx) in [-max_shift, max_shift], filling with background.
-
-    One flat gather over the padded batch (no per-sample Python loop): ~1 ms per 128 images, far below a step.
-    """
+    """Translate each image by an independent random (dy, dx) in [-max_shift, max_shift], filling with background:
+    one flat gather over the padded batch (no per-sample Python loop), ~1 ms per 128 images, far below a step."""
     if max_shift <= 0:
         return x
     n, _, h, w = x.shape

@@ -64,8 +64,7 @@ def atomic_write_csv(path, rows: list[dict], columns: list[str]) -> None:
 
 @contextlib.contextmanager
 def locked(path):
-    """Hold an exclusive advisory lock on `path`.lock while the block runs (read-modify-write safety); closing
-    the lock file releases it."""
+    """Hold an exclusive advisory lock on `path`.lock while the block runs (closing the file releases it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
