@@ -58,8 +58,7 @@ def load_checkpoint(path, mode: str | None = None) -> dict:
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('format_version')!r}, "
                               f"this code reads version {FORMAT_VERSION}; retrain or use the matching code version")
-    missing = [k for k in REQUIRED if k not in ckpt]
-    if missing:
+    if missing := [k for k in REQUIRED if k not in ckpt]:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     if mode is not None and ckpt["mode"] != mode:
         raise CheckpointError(f"{path}: holds a {ckpt['mode']!r} model, not {mode!r}; "
