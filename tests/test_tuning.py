@@ -132,13 +132,14 @@ def wait_for_running_trial(out_dir, timeout=90):
 
 
 def test_interrupted_and_killed_searches_rerun_only_the_missing_points(tmp_path, synthetic_mnist):
-    out, lrs = tmp_path / "tuning", [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]
+    # 16 short trials: enough work left after the first starts that no signal arrives after the last has finished
+    out, lrs = tmp_path / "tuning", [round(k * 1e-3, 3) for k in range(1, 17)]
     args = ["tune_hyperparams.py", "--mode", "fp", "--set", "lr=" + ",".join(map(str, lrs)), "--set",
             "batch_size=64", "--data-dir", synthetic_mnist, "--skip-checksum", "--val-size", VAL,
             "--train-subset", 448, "--out-dir", out]
     # Ctrl-C mid-trial: exit 130 and a resume hint; Optuna marks the interrupted trial failed.
     proc = start_script(*args)
-    wait_for_line(proc, "[fp 1/6]")
+    wait_for_line(proc, "[fp 1/16]")
     wait_for_running_trial(out)
     _, err = stop(proc, signal.SIGINT)
     assert proc.returncode == 130 and "rerun the same command" in err and "Traceback" not in err, err
@@ -150,19 +151,19 @@ def test_interrupted_and_killed_searches_rerun_only_the_missing_points(tmp_path,
     stop(proc, signal.SIGKILL)
     killed = trials_in(out, "fp")  # the files parse: written atomically
     json.loads((out / tuning.SUMMARY).read_text())
-    assert 1 <= len(killed) < 6
+    assert 1 <= len(killed) < 16
     # Finish in-process: the library finds the CLI's study, trains exactly the missing points, counts each once.
     lines = []
     rerun = search(out, synthetic_mnist, fp_grid(*lrs), lines.append, train_subset=448)
-    assert f"fp: {len(killed)} of 6 trials already finished" in lines[1]
+    assert f"fp: {len(killed)} of 16 trials already finished" in lines[1]
     assert sorted(key(r["config"]) for r in rerun) == sorted(set(key(t["config"]) for t in trials_in(out, "fp")) -
                                                               set(key(t["config"]) for t in killed))
     final = trials_in(out, "fp")
-    assert len(final) == 6 and {key(t["config"]) for t in final} == {(lr, 64) for lr in lrs}
+    assert len(final) == 16 and {key(t["config"]) for t in final} == {(lr, 64) for lr in lrs}
     assert [t for t in final if key(t["config"]) in {key(k["config"]) for k in killed}] == killed  # untouched
     states = [t.state for t in study(out, "fp").get_trials()]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 6  # the killed trial is never counted
-    assert json.loads((out / tuning.SUMMARY).read_text())["fp"]["trials"] == 6
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 16  # the killed trial is never counted
+    assert json.loads((out / tuning.SUMMARY).read_text())["fp"]["trials"] == 16
 
 
 def test_worker_processes_share_one_sqlite_study(tmp_path, synthetic_mnist, monkeypatch):
