@@ -18,11 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from quant.cli import ArgumentParser, add_data_args, format_table, run_main, seed_everything
+from quant.cli import ArgumentParser, add_data_args, run_main, seed_everything
 from quant.data import load_mnist
 from quant.deployment import pack_and_verify
 from quant.errors import QuantError
 from quant.packing import ENCODINGS
+from quant.results import format_table
 
 COLUMNS = [("layer", "layer", ""), ("weights", "weights", "d"), ("fp32_bytes", "FP32 B", "d"),
            ("bytes_2bit", "2-bit B", "d"), ("bytes_base3", "base-3 B", "d"), ("bytes_entropy", "entropy B", "d"),

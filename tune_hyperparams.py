@@ -148,7 +148,7 @@ def main():
         run_workers(args.workers)  # then the search below finds every trial finished and writes the outputs
     tuning.search(args.grids, epochs=args.epochs, train_subset=args.train_subset, val_size=args.val_size,
                   seed=args.seed, precision=args.precision, data_dir=args.data_dir, skip_checksum=args.skip_checksum,
-                  out_dir=args.out_dir, storage=args.storage, sampler=args.sampler, trials=args.trials, prune=args.prune,
+                  out_dir=args.out_dir, storage=args.storage, trials=args.trials, prune=args.prune,
                   device=args.device)
     if args.worker:
         return

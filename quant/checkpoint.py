@@ -4,7 +4,6 @@ A checkpoint is a plain dict: kind, format_version, mode, config, history, metri
 git commit, dataset checksum, the latent `state_dict` and the `export` (codes + scales, see export.py)
 that eval and packing consume. weights_only=True means a pickle carrying code is refused, never run.
 """
-import csv
 import io
 import pickle
 import platform
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import QuantError
-from .files import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_csv
 
 KIND = "ternary-lenet5-checkpoint"
 FORMAT_VERSION = 1
@@ -46,23 +45,20 @@ def load_checkpoint(path, mode: str | None = None) -> dict:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # truncated zip, random bytes, ...: torch raises many types
         # weights_only=True reports both "this pickle imports code" and plain garbage as UnpicklingError.
         culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if culprit is None:
-            raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt (not a torch.save file); "
-                                  f"{hint}") from None
-        raise CheckpointError(f"{path}: refused to load: it references {culprit.group(1)}, a Python object beyond "
-                              f"plain tensors and containers, which weights_only=True never executes") from None
-    except Exception as e:  # truncated zip, random bytes, ...: torch raises many types
-        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({type(e).__name__}); {hint}") from None
+        if isinstance(e, pickle.UnpicklingError) and culprit:
+            raise CheckpointError(f"{path}: refused to load: it references {culprit.group(1)}, a Python object beyond "
+                                  f"plain tensors and containers, which weights_only=True never executes") from None
+        why = "not a torch.save file" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({why}); {hint}") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
         raise CheckpointError(f"{path}: not a checkpoint written by this project's train.py")
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('format_version')!r}, "
                               f"this code reads version {FORMAT_VERSION}; retrain or use the matching code version")
-    missing = [k for k in REQUIRED if k not in ckpt]
-    if missing:
+    if missing := [k for k in REQUIRED if k not in ckpt]:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     if mode is not None and ckpt["mode"] != mode:
         raise CheckpointError(f"{path}: holds a {ckpt['mode']!r} model, not {mode!r}; "
@@ -85,9 +81,4 @@ def environment() -> dict:
 
 def write_history_csv(path, history: list[dict]) -> None:
     """Per-epoch history as CSV (columns: union of keys, first-seen order)."""
-    columns = list(dict.fromkeys(k for row in history for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, history, list(dict.fromkeys(k for row in history for k in row)))

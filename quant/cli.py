@@ -13,7 +13,6 @@ import torch
 
 from . import config
 from .errors import QuantError
-from .results import format_table  # noqa: F401  (scripts print their tables with it)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -18,13 +18,12 @@ from .model import QUANT_LAYERS
 
 MODES = ("fp", "twn", "ttq", "admm")  # quant.methods.METHODS implements one class per name
 MNIST_TRAIN = 60000
-KEEP_FP_ALIASES = {"first": "conv1", "last": "fc2"}
 
 
 def parse_keep_fp(spec) -> list[str]:
     """'first,last' / 'conv1,fc2' (or a list of names) -> layer names kept in full precision, in forward order."""
     items = (str(s).strip() for s in (spec.split(",") if isinstance(spec, str) else spec or []))
-    names = [KEEP_FP_ALIASES.get(item, item) for item in items if item]
+    names = [{"first": QUANT_LAYERS[0], "last": QUANT_LAYERS[-1]}.get(item, item) for item in items if item]
     for name in (n for n in names if n not in QUANT_LAYERS):
         raise ConfigError(f"keep_fp: unknown layer {name!r} (choose from first, last, {', '.join(QUANT_LAYERS)})")
     return [n for n in QUANT_LAYERS if n in names]
@@ -91,12 +90,10 @@ def flags(key: Key) -> tuple:
 
 
 def _in_range(number: float, spec: str) -> bool:
-    if spec.startswith(">"):
-        low = float(spec.lstrip(">="))
-        return number >= low if spec.startswith(">=") else number > low
+    if spec[0] == ">":
+        return number >= float(spec[2:]) if spec[1] == "=" else number > float(spec[1:])
     low, high = (float(s) for s in spec[1:-1].split(","))
-    above = low <= number if spec[0] == "[" else low < number
-    return above and (number <= high if spec[-1] == "]" else number < high)
+    return (low <= number if spec[0] == "[" else low < number) and (number <= high if spec[-1] == "]" else number < high)
 
 
 def check(key: Key, value):
@@ -178,10 +175,8 @@ def default_config(mode: str, **overrides) -> dict:
 
 
 def resolve(mode: str, given: dict, base: dict | None = None) -> dict:
-    """train.py's config: the table's defaults < `base`'s tunable keys (a tuned config) < `given` (flags).
-
-    Refuses a key of another mode, --keep-fp with --mode fp, and a batch larger than MNIST's training images.
-    """
+    """train.py's config: the table's defaults < `base`'s tunable keys (a tuned config) < `given` (flags). Refuses
+    a key of another mode, --keep-fp with --mode fp, and a batch larger than MNIST's training images."""
     tuned = {**(base or {}), **(base or {}).get("hyperparams", {})}
     config = default_config(mode, **{**{k: v for k, v in tuned.items() if k in KEYS and KEYS[k].tunable}, **given})
     if mode == "fp" and config["keep_fp"]:

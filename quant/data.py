@@ -47,11 +47,8 @@ class MNIST:
 
 def find_idx_file(data_dir: Path, name: str) -> Path | None:
     """The file `name` (raw or .gz) in `data_dir` or torchvision's `data_dir/MNIST/raw/` layout."""
-    for folder in (data_dir, data_dir / "MNIST" / "raw"):
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
+    candidates = (folder / f"{name}{gz}" for folder in (data_dir, data_dir / "MNIST" / "raw") for gz in ("", ".gz"))
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def read_idx(path: Path, magic: int, dims: tuple, count: int | None, sha256: str | None) -> tuple[np.ndarray, str]:
@@ -84,8 +81,7 @@ def download(data_dir: Path) -> None:
     try:
         import torchvision
 
-        for train in (True, False):
-            torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True)
+        torchvision.datasets.MNIST(root=str(data_dir), download=True)  # fetches all four files
     except Exception as e:  # network errors come in many types; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"MNIST not found in {data_dir} and download failed ({first}); {HINT}") from None
@@ -99,9 +95,7 @@ def normalise(images: np.ndarray) -> torch.Tensor:
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random (not stratified) seeded split of range(n) into (train, val) index tensors."""
-    if n == 0 and val_size == 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    if not 0 <= val_size < n:
+    if not 0 <= val_size < max(n, 1):  # n = 0 (load_mnist's test_only): two empty sets
         raise DataError(f"--val-size {val_size} must be in [0, {n})")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:].sort().values, perm[:val_size].sort().values
@@ -110,45 +104,37 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
 def load_mnist(data_dir="data", val_size: int = 0, split_seed: int = 0, train_subset: int | None = None,
                verify_checksum: bool = True, allow_download: bool = True, test_only: bool = False) -> MNIST:
     """Load the four IDX files from `data_dir` (downloading if absent), verify them, split off `val_size` random
-    training images for validation (seeded by `split_seed`; none unless asked).
-
-    `train_subset` keeps the first N training images after the split (a short run for tuning or tests);
-    `test_only` skips decoding the training files (evaluation needs only the test set).
-    """
+    training images for validation (seeded by `split_seed`), then keep the first `train_subset` training images
+    (quick runs). `test_only` skips decoding the training files (evaluation needs only the test set)."""
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"{data_dir} is not a folder; {HINT}")
     if allow_download and any(find_idx_file(data_dir, name) is None for name in FILES):
         download(data_dir)
-    arrays, digests = {}, []
-    wanted = {k: v for k, v in FILES.items() if k.startswith("t10k") or not test_only}
-    for name, (magic, dims, count, sha) in wanted.items():
-        path = find_idx_file(data_dir, name)
-        if path is None:
+    tensors, digests = [], []
+    for name, (magic, dims, count, sha) in FILES.items():
+        if test_only and name.startswith("train"):
+            array = np.zeros((0, *dims), np.uint8)
+        elif (path := find_idx_file(data_dir, name)) is None:
             raise DataError(f"{data_dir}: missing {name}[.gz]; {HINT}")
-        arrays[name], digest = read_idx(path, magic, dims, count if verify_checksum else None,
-                                        sha if verify_checksum else None)
-        digests.append(digest)
-    if test_only:
-        arrays.update({"train-images-idx3-ubyte": np.zeros((0, 28, 28), np.uint8), "train-labels-idx1-ubyte": np.zeros(0, np.uint8)})
-        val_size = 0
-    for split in ("train", "t10k"):
-        if len(arrays[f"{split}-images-idx3-ubyte"]) != len(arrays[f"{split}-labels-idx1-ubyte"]):
+        else:
+            array, digest = read_idx(path, magic, dims, *((count, sha) if verify_checksum else (None, None)))
+            digests.append(digest)
+        tensors.append(normalise(array) if dims else torch.from_numpy(array.astype(np.int64)))
+    train_x, train_y, test_x, test_y = tensors
+    for split, x, y in (("train", train_x, train_y), ("t10k", test_x, test_y)):
+        if len(x) != len(y):
             raise DataError(f"{data_dir}: {split} images and labels differ in count; {HINT}")
-    images, labels = normalise(arrays["train-images-idx3-ubyte"]), torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64))
-    train_idx, val_idx = split_indices(len(labels), val_size, split_seed)
-    train_idx = train_idx[:train_subset] if train_subset is not None else train_idx
-    return MNIST(train_x=images[train_idx], train_y=labels[train_idx], val_x=images[val_idx], val_y=labels[val_idx],
-                 test_x=normalise(arrays["t10k-images-idx3-ubyte"]),
-                 test_y=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
+    train_idx, val_idx = split_indices(len(train_y), val_size, split_seed)
+    train_idx = train_idx[:train_subset]  # None: all
+    return MNIST(train_x=train_x[train_idx], train_y=train_y[train_idx], val_x=train_x[val_idx],
+                 val_y=train_y[val_idx], test_x=test_x, test_y=test_y,
                  checksum=hashlib.sha256("".join(digests).encode()).hexdigest())
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
-    """Yield (x, y) mini-batches sliced from in-memory tensors, shuffled by `generator` if given.
-
-    A trailing batch of one sample is dropped: BatchNorm cannot train on it.
-    """
+    """Yield (x, y) mini-batches sliced from in-memory tensors, shuffled by `generator` if given (then a trailing
+    batch of one sample is dropped: BatchNorm cannot train on it)."""
     n = len(y)
     # The permutation moves to x's device once: indexing CUDA data with a CPU index would copy (and wait) per batch.
     order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
@@ -161,10 +147,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by an independent random (dy, dx) in [-max_shift, max_shift], filling with background.
-
-    One flat gather over the padded batch (no per-sample Python loop): ~1 ms per 128 images, far below a step.
-    """
+    """Translate each image by an independent random (dy, dx) in [-max_shift, max_shift], filling with background:
+    one flat gather over the padded batch (no per-sample Python loop), ~1 ms per 128 images, far below a step."""
     if max_shift <= 0:
         return x
     n, _, h, w = x.shape

@@ -63,10 +63,11 @@ def size_report(export: dict, fold_bn: bool = True) -> list[dict]:
 
 
 def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn: bool = True,
-                    float_dtype: str = "fp32", onnx: bool = False) -> dict:
+                    float_dtype: str = "fp32", onnx: bool = False, reference: torch.Tensor | None = None) -> dict:
     """Write the deployment files (and, with onnx, <stem>.onnx) of one checkpoint and return its summary. With
     `mnist`, every file is loaded back alone and its test predictions compared with the checkpoint's ternary
-    model (mismatches_<format>). "layers" is present only if it was packed."""
+    model (mismatches_<format>): `reference`, where the caller has those predictions already (on the CPU, as
+    `predict` makes them), else computed here. "layers" is present only if it was packed."""
     ckpt = load_checkpoint(path)
     export, model, buffer = ckpt["export"], rebuild_model(ckpt["export"]), io.BytesIO()
     torch.save(model.state_dict(), buffer)  # what shipping the model unpacked would cost
@@ -78,7 +79,7 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
         return summary
     summary.update(fold_bn=fold_bn, float_dtype=float_dtype)
     if mnist is not None:
-        reference = predict(model, mnist.test_x)
+        reference = predict(model, mnist.test_x) if reference is None else reference
         summary["test_acc_checkpoint"] = 100.0 * (reference == mnist.test_y).sum().item() / len(mnist.test_y)
     metadata = {"checkpoint": path.name, "mode": ckpt["mode"], "seed": ckpt.get("seed")}
 
@@ -106,15 +107,18 @@ def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn:
 
 def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, onnx: bool = False, fold_bn: bool = True,
                     float_dtype: str = "fp32", results_dir: Path | None = None, command: str = "",
-                    show=lambda summary: None, map_fn=map) -> dict:
+                    show=lambda summary: None, map_fn=map, done: dict | None = None) -> dict:
     """Pack every checkpoint in `paths`, verify (with `mnist`), write deployment.json (nested) and deployment.csv
     (a row per layer and total, checkpoint columns repeated) into results_dir. `map_fn` runs pack_checkpoint over
-    the paths (a process pool's map packs them side by side); `show(summary)` is called once per packed checkpoint.
+    the paths (a process pool's map packs them side by side), except those in `done` ({path: summary} of
+    checkpoints the caller packed already, with the same options); `show(summary)` is called once per packed one.
     Returns {"checkpoints": packed, "not_packed": checkpoints without ternary layers}; then raises PackError if
     any verified file's predictions differ from its checkpoint's."""
     job = partial(pack_checkpoint, encodings=encodings, mnist=mnist, fold_bn=fold_bn, float_dtype=float_dtype,
                   onnx=onnx)
-    summaries = list(map_fn(job, [Path(p) for p in paths]))
+    paths, done = [Path(p) for p in paths], {Path(p): s for p, s in (done or {}).items()}
+    fresh = dict(zip([p for p in paths if p not in done], map_fn(job, [p for p in paths if p not in done])))
+    summaries = [done[p] if p in done else fresh[p] for p in paths]
     packed, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
     for s in packed:
         show(s)

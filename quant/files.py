@@ -4,7 +4,9 @@ A reader therefore sees either the old complete file or the new complete file, n
 whatever kills the writer (SIGINT, SIGTERM, SIGKILL, power loss after fsync).
 """
 import contextlib
+import csv
 import fcntl
+import io
 import json
 import os
 import tempfile
@@ -35,7 +37,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):  # the rename itself survives a power loss once the folder is synced
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -43,26 +50,23 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def atomic_write_csv(path, rows: list[dict], columns: list[str]) -> None:
+    """`rows` as a CSV table with header `columns` (a value a row lacks stays empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 @contextlib.contextmanager
 def locked(path):
-    """Hold an exclusive advisory lock on `path`.lock while the block runs (read-modify-write safety)."""
+    """Hold an exclusive advisory lock on `path`.lock while the block runs (closing the file releases it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -5,11 +5,10 @@ row, a crash never leaves half a row, and an older table (fewer or reordered col
 is the union of the old and current columns.
 """
 import csv
-import io
 from pathlib import Path
 
 from .errors import QuantError
-from .files import atomic_write_text, locked
+from .files import atomic_write_csv, locked
 
 COLUMNS = [
     "timestamp", "mode", "checkpoint", "tag", "seed", "epochs", "lr", "batch_size", "schedule", "shift", "precision", "keep_fp",
@@ -41,11 +40,7 @@ def append_result(path, row: dict) -> None:
     path = Path(path)
     with locked(path):
         columns, rows = read_results(path)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(columns + COLUMNS + list(row))), restval="")
-        writer.writeheader()
-        writer.writerows(rows + [row])
-        atomic_write_text(path, buffer.getvalue())
+        atomic_write_csv(path, rows + [row], list(dict.fromkeys(columns + COLUMNS + list(row))))
 
 
 def format_table(rows: list[dict], columns: list[tuple]) -> str:

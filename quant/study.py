@@ -8,7 +8,8 @@
                            -> results/weights/{mode}_seed{s}.json  (latent-weight histograms, delta, code mix)
                            -> results/predictions/{mode}_seed{s}.npy  (the 10,000 test predictions, uint8)
                               and results/predictions/test_labels.npy, for the report's paired tests
-    quant.deployment.pack_and_verify over the tag's checkpoints (every encoding and ONNX)
+                           deployment.pack_checkpoint: every encoding and ONNX, verified on the test set
+    quant.deployment.pack_and_verify over the tag's checkpoints (packing those of earlier runs)
                            -> results/deployment.csv / .json
     quant.plotting.plot_all(results/) and quant.report.refresh(report.md, README.md)
 
@@ -36,7 +37,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
 from .config import KEYS, default_config
 from .data import MNIST, load_mnist, split_indices
-from .deployment import PackError, pack_and_verify  # noqa: F401 (PackError: reproduce.py catches it here)
+from .deployment import PackError, pack_and_verify, pack_checkpoint  # noqa: F401 (reproduce.py catches PackError)
 from .files import atomic_write_bytes, atomic_write_json
 from .methods import METHODS
 from .packing import code_mix
@@ -157,7 +158,8 @@ def study_checkpoints(results_path: Path, tag: str) -> list[Path]:
 
 
 def run_one(plan: Plan, full: MNIST, mode: str, seed: int, log=print) -> dict:
-    """Train (or reuse) and evaluate one (mode, seed) and write its artefacts; returns its results row and record."""
+    """Train (or reuse), evaluate, write the artefacts of, pack and verify one (mode, seed); returns its results
+    row, its record for study.json and its packing summary (pack_checkpoint's)."""
     data = resplit(full, plan.val_size, seed, plan.train_subset)
     config = default_config(mode, seed=seed, epochs=plan.epochs, val_size=plan.val_size,
                             train_subset=plan.train_subset, precision=plan.precision)
@@ -170,9 +172,13 @@ def run_one(plan: Plan, full: MNIST, mode: str, seed: int, log=print) -> dict:
     write_predictions(plan.results_dir / "predictions" / f"{name}.npy", result["preds"])
     log(f"{mode} seed {seed}: test accuracy {result['row']['test_acc']:.2f}% "
         f"(validation {result['row']['val_acc']:.2f}%)")
-    return {"row": result["row"], "run": {"mode": mode, "seed": seed, "checkpoint": str(path),
-                                          "train_seconds": ckpt["metrics"]["train_seconds"],
-                                          "threads": torch.get_num_threads()}}
+    # Packed here, while other workers still train; the CPU predictions just made are the files' reference.
+    test_only = replace(full, train_x=full.train_x[:0], train_y=full.train_y[:0])
+    packed = pack_checkpoint(path, mnist=test_only, onnx=True,
+                             reference=result["preds"] if torch.device(plan.device).type == "cpu" else None)
+    return {"row": result["row"], "packed": packed,
+            "run": {"mode": mode, "seed": seed, "checkpoint": str(path),
+                    "train_seconds": ckpt["metrics"]["train_seconds"], "threads": torch.get_num_threads()}}
 
 
 _WORKER = {}  # a worker process's plan and unsplit MNIST, loaded once by _start_worker
@@ -207,30 +213,36 @@ def run_study(plan: Plan, log=print) -> dict:
     workers = max(1, min(plan.workers, len(jobs)))
     with contextlib.ExitStack() as stack:
         if workers == 1:
-            run, mapper = (lambda job: run_one(plan, full, *job, log)), map
+            mapper = map
+            results = ((lambda job=job: run_one(plan, full, *job, log)) for job in jobs)
         else:
             log(f"{len(jobs)} runs on {workers} worker processes, {torch.get_num_threads()} torch thread(s) each")
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                            initializer=_start_worker,
                                                            initargs=(replace(plan, progress=False),
                                                                      torch.get_num_threads())))
-            run, mapper = _run_in_worker, pool.map
-        rows, runs = [], []
-        for (mode, seed), done in zip(jobs, mapper(run, jobs)):  # results come back in plan order
+            mapper = pool.map
+            # Longest first, so the workers finish together: every mode trains the same epochs on the same images,
+            # so a run's steps go as 1 / its batch size.
+            batch = {mode: default_config(mode)["batch_size"] for mode in plan.modes}
+            futures = {job: pool.submit(_run_in_worker, job) for job in sorted(jobs, key=lambda job: batch[job[0]])}
+            results = (futures[job].result for job in jobs)
+        rows, runs, packed = [], [], {}
+        for result in results:  # in plan order
+            done = result()
             append_result(results_path, done["row"])
             rows.append(done["row"])
             runs.append(done["run"])
+            packed[Path(done["run"]["checkpoint"])] = done["packed"]
         # Every checkpoint of the tag (also from earlier runs of other modes), as deployment.csv is rewritten whole.
         checkpoints = study_checkpoints(results_path, plan.tag)
-        if any(load_checkpoint(p)["export"]["ternary"] for p in checkpoints):
-            command = "deployment_compression.py --verify --onnx " + " ".join(f"--checkpoint {p}" for p in checkpoints)
-            show = (lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
-                f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"
-                for key in s if key.startswith("file_bytes_"))))
-            test_only = replace(full, train_x=full.train_x[:0], train_y=full.train_y[:0])  # what each packing job needs
-            pack_and_verify(checkpoints, mnist=test_only, onnx=True, results_dir=plan.results_dir, command=command,
-                            show=show, map_fn=mapper)
-        else:
+        command = "deployment_compression.py --verify --onnx " + " ".join(f"--checkpoint {p}" for p in checkpoints)
+        show = (lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
+            f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"
+            for key in s if key.startswith("file_bytes_"))))
+        test_only = replace(full, train_x=full.train_x[:0], train_y=full.train_y[:0])  # what each packing job needs
+        if not pack_and_verify(checkpoints, mnist=test_only, onnx=True, results_dir=plan.results_dir, command=command,
+                               show=show, map_fn=mapper, done=packed)["checkpoints"]:
             log("no ternary checkpoint to pack; deployment.csv left as it is")
     seconds = time.perf_counter() - start
     atomic_write_json(plan.results_dir / "study.json", {

@@ -173,12 +173,11 @@ def _suggest(trial, key: str, values: list):
 
 def search(grids: dict, *, epochs=1, train_subset=20000, val_size=KEYS["val_size"].default, seed=KEYS["seed"].default,
            precision=KEYS["precision"].default, data_dir="data", skip_checksum=False, out_dir="results/tuning",
-           storage=None, sampler="grid", trials=None, prune=False, device="cpu", log=print) -> list[dict]:
-    """Run each mode's study until every grid config (with TPE: `trials` trials) has finished, here or in other
+           storage=None, trials=None, prune=False, device="cpu", log=print) -> list[dict]:
+    """Run each mode's study until every grid config (or `trials` TPE trials) has finished, here or in other
     processes on the storage; write the outputs; return the records run here. `prune`: Optuna's MedianPruner."""
-    if val_size < 1 or (sampler == "tpe") != (trials is not None):
-        raise ConfigError("tuning needs --val-size >= 1" if val_size < 1 else
-                          "--trials N goes with --sampler tpe, and --sampler tpe needs it")
+    if val_size < 1:
+        raise ConfigError("tuning needs --val-size >= 1")
     data = load_mnist(data_dir, val_size=val_size, split_seed=seed, train_subset=train_subset,
                       verify_checksum=not skip_checksum)
     budget = {"epochs": epochs, "train_subset": train_subset, "val_size": val_size, "seed": seed,

@@ -119,6 +119,25 @@ def test_size_report_recomputed():
     assert total["bytes_entropy"] == 3200 + sum(lengths.values())
 
 
+def test_checkpoints_packed_by_the_caller_are_not_packed_again(packed, trained, mnist, tmp_path):
+    (summary,) = packed[0]["checkpoints"]
+    mapped = []
+    out = deployment.pack_and_verify([trained], ("2bit",), mnist, results_dir=tmp_path, done={str(trained): summary},
+                                     map_fn=lambda job, paths: (mapped.extend(paths), map(job, paths))[1])
+    assert mapped == [] and out["checkpoints"] == [summary]
+    assert json.loads((tmp_path / "deployment.json").read_text())["checkpoints"] == [summary]
+
+
+def test_a_given_reference_is_what_the_files_are_compared_with(trained, mnist, tmp_path):
+    path = tmp_path / trained.name
+    path.write_bytes(trained.read_bytes())
+    wrong = deployment.predict(rebuild_model(load_checkpoint(path)["export"]), mnist.test_x)
+    wrong[:3] = (wrong[:3] + 1) % 10
+    summary = deployment.pack_checkpoint(path, ("2bit",), mnist, reference=wrong)
+    assert summary["mismatches_2bit"] == 3
+    assert summary["test_acc_checkpoint"] == 100.0 * (wrong == mnist.test_y).sum().item() / len(wrong)
+
+
 def test_a_prediction_mismatch_is_an_error_after_the_results_are_written(trained, mnist, tmp_path, monkeypatch):
     real = deployment.load_inference
     monkeypatch.setattr(deployment, "load_inference", lambda path: (lambda x: -real(path)(x)))  # argmin

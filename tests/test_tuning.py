@@ -241,14 +241,14 @@ def test_two_tuners_on_one_postgresql_study_finish_every_point_once(tmp_path, sy
 
 def test_tpe_samples_the_range_the_grid_spans(tmp_path, synthetic_mnist):
     grid = {"ttq": {"lr": [1e-3, 1e-2], "batch_size": [64, 128], "t": [0.05]}}
-    records = search(tmp_path, synthetic_mnist, grid, sampler="tpe", trials=3)
+    records = search(tmp_path, synthetic_mnist, grid, trials=3)
     assert len(records) == 3 and len(study(tmp_path, "ttq").trials) == 3
     for r in records:
         assert 1e-3 <= r["config"]["lr"] <= 1e-2 and 64 <= r["config"]["batch_size"] <= 128
         assert r["config"]["hyperparams"]["t"] == 0.05
-    assert search(tmp_path, synthetic_mnist, grid, sampler="tpe", trials=3) == []  # the study already has 3
+    assert search(tmp_path, synthetic_mnist, grid, trials=3) == []  # the study already has 3
     # a space of one point: trained once, the repeats reuse its result, and the search still ends
-    one = search(tmp_path / "one", synthetic_mnist, fp_grid(3e-3), sampler="tpe", trials=3)
+    one = search(tmp_path / "one", synthetic_mnist, fp_grid(3e-3), trials=3)
     assert len(one) == 1 and len(study(tmp_path / "one", "fp").trials) == 3 and len(trials_in(tmp_path / "one", "fp")) == 1
 
 
