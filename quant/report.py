@@ -5,7 +5,6 @@ every pair named in TABLES and nothing else, so prose is never touched and a sec
 Intervals are 95 % Student-t intervals of a mean over seeds; methods are compared paired on seeds (t-interval of the
 per-seed differences) and on test images (McNemar's exact test per seed), see quant.stats.
 """
-import io
 import itertools
 import json
 import math
@@ -106,9 +105,8 @@ def deployment_rows(results_dir, rows: list[dict]) -> list[dict]:
 
 
 def summarize(results_dir, tag: str = "study") -> dict:
-    """{mode: {key: [per seed]}} of the latest `tag` runs in mode order (NoResults if none): results.csv's seeds and
-    accuracies, the TOTALS columns, mismatches, size (bytes deployed: the 2-bit file; FP: the FP32 state_dict) and
-    compression (FP32 / size)."""
+    """{mode: {key: [per seed]}} of the latest `tag` runs (NoResults if none): seeds, accuracies, TOTALS columns,
+    mismatches, size (bytes deployed: the 2-bit file; FP: the FP32 state_dict) and compression (FP32 / size)."""
     rows = study_rows(results_dir, tag, required=True)
     totals = [d for d in deployment_rows(results_dir, rows) if d.get("layer") == "total"]
     out = {}
@@ -141,7 +139,7 @@ def read_classes(path) -> tuple[np.ndarray | None, str]:
     try:
         if path.stat().st_size > MAX_PREDICTIONS_BYTES:
             return None, f"{path.name} is over {MAX_PREDICTIONS_BYTES:,} bytes"
-        values = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+        values = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         return None, f"no {path.name}"
     except (OSError, ValueError, EOFError) as e:
@@ -178,9 +176,8 @@ def predictions(results_dir, rows: list[dict]) -> tuple[dict, list[str]]:
 
 
 def layer_stats(results_dir, tag: str = "study") -> dict:
-    """{layer: {"weights", "fp32_bytes", "bytes_2bit", "bytes_base3": that deployment.csv column, and
-    "zero_fraction", "order0_bytes", "bytes_entropy": {mode: [per seed]}}} of the latest `tag` runs' ternary layers
-    (NoResults if there are no such runs)."""
+    """{layer: {"weights", "fp32_bytes", "bytes_2bit", "bytes_base3": one number, and "zero_fraction", "order0_bytes",
+    "bytes_entropy": {mode: [per seed]}}}: deployment.csv's columns for the latest `tag` runs (NoResults if none)."""
     out = {}
     for d in deployment_rows(results_dir, study_rows(results_dir, tag, required=True)):
         if d.get("layer") in LAYERS and (d.get("ternary") or "True") == "True":
