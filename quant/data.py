@@ -6,7 +6,6 @@ the published SHA-256 sums, so a corrupt or substituted file can never silently 
 Images are normalised with the usual MNIST mean/std (0.1307, 0.3081) and kept as one float32 tensor;
 batches are slices of it, so there is no per-sample Dataset/PIL work in the training path.
 """
-import gzip
 import hashlib
 import struct
 import zlib
@@ -52,13 +51,25 @@ def find_idx_file(data_dir: Path, name: str) -> Path | None:
 
 
 def read_idx(path: Path, magic: int, dims: tuple, count: int | None, sha256: str | None) -> tuple[np.ndarray, str]:
-    """Decode one IDX file (raw or gzip) into a uint8 array after checking magic, shape, length and SHA-256."""
-    try:
-        raw = path.read_bytes()
-        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: corrupt deflate stream
-        raise DataError(f"{path}: cannot read ({e}); {HINT}") from None
+    """Decode one IDX file (raw or gzip) into a uint8 array after checking magic, shape, length and SHA-256.
+
+    Neither the file nor its decompressed content is read past the largest valid size (`count` images, or as
+    many as MNIST's largest split holds), so a huge or crafted file (a gzip bomb) costs no more than MNIST.
+    """
     ndim = 1 + len(dims)
+    limit = 4 + 4 * ndim + (count or FILES["train-images-idx3-ubyte"][2]) * int(np.prod(dims))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(2 * limit + 1024)  # room for gzip's overhead on incompressible data
+        if raw[:2] == b"\x1f\x8b" and len(raw) < 2 * limit + 1024:
+            inflater = zlib.decompressobj(wbits=31)  # one gzip member, as MNIST's .gz files are
+            raw = inflater.decompress(raw, limit + 1)
+            if len(raw) <= limit and (not inflater.eof or inflater.unused_data):
+                raise EOFError("the gzip stream ends early or has data after it")
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: corrupt deflate stream
+        raise DataError(f"{path}: cannot read ({e}); {HINT}") from None
+    if len(raw) > limit:
+        raise DataError(f"{path}: larger than any valid IDX file of this kind ({limit:,} bytes); {HINT}")
     if len(raw) < 4 + 4 * ndim:
         raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes); {HINT}")
     found_magic, *shape = struct.unpack(f">{1 + ndim}i", raw[:4 + 4 * ndim])

@@ -1,7 +1,6 @@
 """Pack checkpoints into deployment files (quant/deploy_format.py) and ONNX (quant/onnx_export.py), verify them
 against the checkpoint and tabulate their sizes: `pack_and_verify`, behind deployment_compression.py and
 reproduce.py."""
-import csv
 import io
 from functools import partial
 from pathlib import Path
@@ -13,7 +12,7 @@ from .data import MEAN, STD
 from .deploy_format import INPUT_SHAPE, code_patches, deployed_layers, load_inference, pack, unpack
 from .errors import QuantError
 from .export import rebuild_model
-from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_csv, atomic_write_json
 from .packing import ENCODINGS, entropy_bits, get_codec
 
 
@@ -127,11 +126,7 @@ def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, onnx: bool = 
         atomic_write_json(results_dir / "deployment.json", {"command": command, "checkpoints": packed,
                                                             "not_packed": not_packed})
         rows = [{**{k: v for k, v in s.items() if k != "layers"}, **layer} for s in packed for layer in s["layers"]]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(results_dir / "deployment.csv", buffer.getvalue())
+        atomic_write_csv(results_dir / "deployment.csv", rows, list(dict.fromkeys(k for row in rows for k in row)))
     differ = [f"{s['checkpoint']} {key.removeprefix('mismatches_')}" for s in packed for key in s
               if key.startswith("mismatches_") and s[key]]
     if differ:

@@ -1,6 +1,7 @@
 """quant/data.py: IDX decoding against hand-built bytes, every corruption a DataError naming the file and
 `--data-dir`, the real files against the published SHA-256 sums, seeded splits and batch slicing."""
 import gzip
+import struct
 import hashlib
 import shutil
 
@@ -97,6 +98,25 @@ def test_corrupt_gzip(tmp_path, synthetic_mnist_gz, damage):
            "header": b"\x1f\x8b" + bytes(range(200))}[damage]
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(bad)
+    with pytest.raises(DataError) as e:
+        read_idx(path, 0x803, (28, 28), None, None)
+    assert_data_error(e, path)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_file_larger_than_mnist_is_refused_without_reading_it_all(tmp_path, gz):
+    """60,001 labels (MNIST's largest split holds 60,000): raw, or a gzip bomb of a few hundred bytes."""
+    path = tmp_path / "train-labels-idx1-ubyte"
+    raw = struct.pack(">ii", 0x801, 60_001) + bytes(60_001)
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    with pytest.raises(DataError) as e:
+        read_idx(path, 0x801, (), None, None)
+    assert_data_error(e, path, "larger than")
+
+
+def test_data_after_the_gzip_stream_is_refused(tmp_path, synthetic_mnist_gz):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes((synthetic_mnist_gz / path.name).read_bytes() * 2)
     with pytest.raises(DataError) as e:
         read_idx(path, 0x803, (28, 28), None, None)
     assert_data_error(e, path)
