@@ -1,18 +1,16 @@
-"""The study's figures, drawn from results/ alone (never a checkpoint) with matplotlib's Agg backend; FIGURES lists
-them. A figure whose inputs are absent raises MissingInput, which plot_all turns into a one-line note."""
+"""The study's figures, drawn from results/ alone (never a checkpoint) as matplotlib Figures (no pyplot state);
+FIGURES lists them. A figure whose inputs are absent raises NoResults, which plot_all turns into a one-line note."""
 import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .report import (LAYERS, NoResults, label, layer_stats, mean, mode_key, read_csv, read_json,  # noqa: E402
-                     seed_key, std, study_rows, summarize)
-from .results import ResultsError  # noqa: E402
+from .report import (LAYERS, NoResults, label, layer_stats, mean, mode_key, read_json, seed_key, std,
+                     study_rows, summarize)
+from .results import read_results
 
 COLORS = {"fp": "#4d4d4d", "twn": "#1f77b4", "ttq": "#d62728", "admm": "#2ca02c"}
 MARKERS = {"fp": "o", "twn": "s", "ttq": "^", "admm": "D"}
@@ -21,10 +19,6 @@ STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]  # one line style per s
 POINTS = {True: ("o", None, "validation on ternary weights"),
           False: ("o", "white", "validation on full-precision weights (FP32, TTQ's warm-up, ADMM before projection)"),
           None: ("x", None, "weights not recorded (history without val_ternary)")}
-
-
-class MissingInput(FileNotFoundError):
-    """A figure's input is not in the results folder."""
 
 
 def color(mode: str) -> str:
@@ -37,41 +31,28 @@ def _epoch_axis(ax, epochs) -> None:
     ax.set_xlim(0.7, max(epochs, default=1) + 0.3)
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
-
-
-def _rows(results_dir, tag, strict=True) -> list[dict]:
-    """The study rows; with strict, none is MissingInput, else an unreadable results.csv reads as no rows."""
+def _runs(results_dir, tag, folder: str, suffix: str) -> list[tuple[str, str, Path, dict]]:
+    """(mode, seed, path, results.csv row) of folder/{mode}_seed{s}{suffix} for the latest tagged runs; if there
+    are none (or results.csv is unreadable), of every such file, with an empty row."""
+    base = Path(results_dir) / folder
     try:
-        return study_rows(results_dir, tag, required=strict)
-    except (NoResults, ResultsError) as e:
-        if strict:
-            raise MissingInput(str(e)) from None
-        return []
-
-
-def _runs(results_dir, tag, folder: str, suffix: str) -> list[tuple[str, object, Path]]:
-    """(mode, seed, path) of folder/{mode}_seed{s}{suffix} for the latest tagged runs (every such file without any)."""
-    base, pairs = Path(results_dir) / folder, [(r["mode"], r.get("seed", "")) for r in _rows(results_dir, tag, False)]
-    found = [f for f in ((m, s, base / f"{m}_seed{s}{suffix}") for m, s in pairs) if f[2].exists()]
-    if not pairs:
-        found = [(m, int(s) if s.isdigit() else s, p) for p in sorted(base.glob(f"*_seed*{suffix}"))
+        rows = study_rows(results_dir, tag)
+    except NoResults:
+        rows = []
+    found = [(r["mode"], r.get("seed", ""), base / f"{r['mode']}_seed{r.get('seed', '')}{suffix}", r) for r in rows]
+    if not rows:  # e.g. a results.csv from before the tag column
+        found = [(m, s, p, {}) for p in base.glob(f"*_seed*{suffix}")
                  for m, _, s in [p.name[:-len(suffix)].rpartition("_seed")]]
-    if not found:
-        raise MissingInput(f"no {folder}/*{suffix} files in {results_dir}")
+    if not (found := [f for f in found if f[2].exists()]):
+        raise NoResults(f"no {folder}/*{suffix} files in {results_dir}")
     return sorted(found, key=lambda f: (mode_key(f[0]), seed_key(f[1])))
 
 
 def _spread_labels(ys: list[float], min_gap: float) -> list[float]:
-    """Label heights near `ys` (in order) moved apart until neighbours are >= min_gap apart."""
+    """Label heights near `ys` (in order) moved apart until neighbours are >= min_gap apart (50 passes at most)."""
     order = sorted(range(len(ys)), key=lambda i: ys[i])
     placed = [ys[i] for i in order]
     for _ in range(50):
-        if all(placed[a + 1] - placed[a] >= min_gap for a in range(len(placed) - 1)):
-            break
         for a in range(len(placed) - 1):  # sequential: each push sees the previous one
             if (short := min_gap - (placed[a + 1] - placed[a])) > 0:
                 placed[a] -= short / 2
@@ -79,15 +60,15 @@ def _spread_labels(ys: list[float], min_gap: float) -> list[float]:
     return [placed[order.index(i)] for i in range(len(ys))]
 
 
-def plot_comparison(results_dir, out_dir, tag="study") -> Path:
+def plot_comparison(results_dir, tag="study") -> Figure:
     """Figure 1: test accuracy against deployed size on disk, mean ± std over seeds."""
-    _rows(results_dir, tag)
     points = {m: s for m, s in summarize(results_dir, tag).items() if s["size"]}
     if not points:
-        raise MissingInput(f"no deployment sizes: {Path(results_dir) / 'deployment.csv'} is missing or has no "
-                           f"'total' rows (run deployment_compression.py --verify)")
+        raise NoResults(f"no deployment sizes: {Path(results_dir) / 'deployment.csv'} is missing or has no "
+                        f"'total' rows (run deployment_compression.py --verify)")
     n_seeds = max(len(s["seeds"]) for s in points.values())
-    fig, ax = plt.subplots(figsize=(7.5, 5.8), layout="constrained")
+    fig = Figure(figsize=(7.5, 5.8), layout="constrained")
+    ax = fig.subplots()
     # Every ternary model packs to (almost) the same number of bytes; nudge them apart on the log axis.
     sizes = {m: mean(s["size"]) for m, s in points.items()}
     same = [m for m in points if m != "fp"]
@@ -122,7 +103,7 @@ def plot_comparison(results_dir, out_dir, tag="study") -> Path:
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     fig.legend(fontsize=8, loc="outside lower center", ncol=3, frameon=False)
-    return _save(fig, Path(out_dir) / "results_comparison.png")
+    return fig
 
 
 def val_ternary(row: dict):
@@ -131,20 +112,19 @@ def val_ternary(row: dict):
     return {"1": True, "1.0": True, "true": True, "0": False, "0.0": False, "false": False}.get(value)
 
 
-def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
+def plot_training_curves(results_dir, tag="study") -> Figure:
     """Figure 2: validation accuracy and loss per epoch, seeds overlaid; hollow markers were scored on
     full-precision, not ternary, weights; a star is the deployed model's validation accuracy."""
     runs = _runs(results_dir, tag, "history", ".csv")
-    modes = sorted({m for m, _, _ in runs}, key=mode_key)
-    deployed = {(r["mode"], r.get("seed", "")): r for r in _rows(results_dir, tag, False)}
-    fig, axes = plt.subplots(2, len(modes), figsize=(3.4 * len(modes) + 0.6, 6.2), layout="constrained",
-                             sharex=True, squeeze=False)
+    modes = list(dict.fromkeys(mode for mode, *_ in runs))  # runs come in mode order
+    fig = Figure(figsize=(3.4 * len(modes) + 0.6, 6.2), layout="constrained")
+    axes = fig.subplots(2, len(modes), sharex=True, squeeze=False)
     all_epochs, kinds = [], set()
-    seeds = sorted({s for _, s, _ in runs}, key=seed_key)
+    seeds = sorted({seed for _, seed, _, _ in runs}, key=seed_key)
     for (ax_acc, ax_loss), mode in zip(axes.T, modes):
         stars, unrecorded = [], False
-        for _, seed, path in (r for r in runs if r[0] == mode):
-            hist = read_csv(path)
+        for _, seed, path, row in (r for r in runs if r[0] == mode):
+            hist = read_results(path)[1]
             epochs, ternary = [int(float(h["epoch"])) for h in hist], [val_ternary(h) for h in hist]
             all_epochs += epochs
             unrecorded |= None in ternary
@@ -157,8 +137,7 @@ def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
                     ax.plot(*zip(*points), ls="none", marker=POINTS[kind][0], ms=4.5, color=color(mode),
                             mfc=POINTS[kind][1] or color(mode), mew=1.1)
                     kinds.add(kind)
-            row = deployed.get((mode, str(seed)))
-            if row and row.get("val_acc") and epochs:
+            if row.get("val_acc") and epochs:
                 stars.append((epochs[-1], float(row["val_acc"])))
         if stars:  # after the seed lines, so the legend lists seeds first
             ax_acc.plot(*zip(*stars), "*", ms=11, color="black", zorder=5, label="deployed model", ls="none")
@@ -178,23 +157,22 @@ def plot_training_curves(results_dir, out_dir, tag="study") -> Path:
     held_out = f"{plan['val_size']:,} held-out training images" if plan.get("val_size") else "held-out validation split"
     fig.suptitle(f"Validation accuracy and loss per epoch ({held_out}; ★ = deployed model after export)",
                  fontsize=10)
-    fig.legend(handles=[plt.Line2D([], [], ls="none", marker=POINTS[k][0], color="0.3", mfc=POINTS[k][1] or "0.3",
-                                   label=POINTS[k][2]) for k in (True, False, None) if k in kinds],
+    fig.legend(handles=[Line2D([], [], ls="none", marker=POINTS[k][0], color="0.3", mfc=POINTS[k][1] or "0.3",
+                               label=POINTS[k][2]) for k in (True, False, None) if k in kinds],
                fontsize=8, loc="outside lower center", ncol=3, frameon=False)
-    return _save(fig, Path(out_dir) / "training_curves.png")
+    return fig
 
 
-def plot_weight_histograms(results_dir, out_dir, tag="study") -> Path:
+def plot_weight_histograms(results_dir, tag="study") -> Figure:
     """Figure 3: latent weights per layer and mode (the lowest seed), ±delta and the deployed code mix."""
     first = {}
-    for mode, seed, path in _runs(results_dir, tag, "weights", ".json"):  # seeds look alike, panels would not
+    for mode, seed, path, _ in _runs(results_dir, tag, "weights", ".json"):  # seeds look alike, panels would not
         first.setdefault(mode, (seed, path))
-    modes = sorted(first, key=mode_key)
     projected = set()  # modes whose checkpoint stores W after a hard projection (ADMM)
-    fig, axes = plt.subplots(len(LAYERS), len(modes), figsize=(3.3 * len(modes) + 0.6, 2.3 * len(LAYERS) + 0.8),
-                             layout="constrained", squeeze=False)
-    for col, mode in enumerate(modes):
-        layers = {entry["layer"]: entry for entry in json.loads(first[mode][1].read_text())["layers"]}
+    fig = Figure(figsize=(3.3 * len(first) + 0.6, 2.3 * len(LAYERS) + 0.8), layout="constrained")
+    axes = fig.subplots(len(LAYERS), len(first), squeeze=False)
+    for col, (mode, (_, path)) in enumerate(first.items()):
+        layers = {entry["layer"]: entry for entry in json.loads(path.read_text())["layers"]}
         for row, (name, ax) in enumerate(zip(LAYERS, axes[:, col])):
             if (entry := layers.get(name)) is None:
                 ax.set_axis_off()
@@ -219,73 +197,72 @@ def plot_weight_histograms(results_dir, out_dir, tag="study") -> Path:
                 ax.set_xlabel("latent weight value", fontsize=8)
             if col == 0:
                 ax.set_ylabel("count (log scale)", fontsize=8)
-    seeds = ", ".join(f"{label(m)} seed {first[m][0]}" for m in modes)
+    seeds = ", ".join(f"{label(m)} seed {seed}" for m, (seed, _) in first.items())
     note = (f"\n{' and '.join(sorted(projected))}: the checkpoint keeps W after the final hard projection W ← Π(W), "
             "so the latent weights sit on the three levels" if projected else "")
     fig.suptitle("Latent weights after training, 100 bins; grey band |W| ≤ Δ (deployed as 0), dashed lines ±Δ; "
                  f"codes = share of deployed −1 / 0 / +1\n({seeds}){note}", fontsize=9)
-    return _save(fig, Path(out_dir) / "weight_histograms.png")
+    return fig
 
 
-def plot_sparsity_bytes(results_dir, out_dir, tag="study") -> Path:
+def plot_sparsity_bytes(results_dir, tag="study") -> Figure:
     """Figure 4: zero fraction of the deployed codes; bytes per layer per encoding against the order-0 bound."""
-    _rows(results_dir, tag)
     if not (layers := layer_stats(results_dir, tag)):
-        raise MissingInput(f"no per-layer rows in {Path(results_dir) / 'deployment.csv'} "
-                           f"(run deployment_compression.py --verify)")
+        raise NoResults(f"no per-layer rows in {Path(results_dir) / 'deployment.csv'} "
+                        f"(run deployment_compression.py --verify)")
     names = list(layers)
-    modes = sorted({m for s in layers.values() for m in s["zero"]}, key=mode_key)
+    modes = sorted({m for s in layers.values() for m in s["zero_fraction"]}, key=mode_key)
     per_layer = lambda key, m, f=mean: [f(layers[n][key].get(m, [])) for n in names]  # noqa: E731
-    fig, (ax_z, ax_b) = plt.subplots(1, 2, figsize=(12.5, 4.8), layout="constrained")
+    fig = Figure(figsize=(12.5, 4.8), layout="constrained")
+    ax_z, ax_b = fig.subplots(1, 2)
     x = np.arange(len(names))
     width = 0.8 / max(len(modes), 1)
     for i, mode in enumerate(modes):
-        ax_z.bar(x + (i - (len(modes) - 1) / 2) * width, [100 * v for v in per_layer("zero", mode)], width,
-                 yerr=[0 if math.isnan(e) else 100 * e for e in per_layer("zero", mode, std)], capsize=3,
+        ax_z.bar(x + (i - (len(modes) - 1) / 2) * width, [100 * v for v in per_layer("zero_fraction", mode)], width,
+                 yerr=[0 if math.isnan(e) else 100 * e for e in per_layer("zero_fraction", mode, std)], capsize=3,
                  color=color(mode), label=label(mode))
     ax_z.set_xticks(x, [f"{n}\n({layers[n]['weights']:,.0f} weights)" for n in names], fontsize=8)
-    highest = max((100 * max(v) for s in layers.values() for v in s["zero"].values() if v), default=50)
+    highest = max((100 * max(v) for s in layers.values() for v in s["zero_fraction"].values() if v), default=50)
     ax_z.set(ylabel="deployed codes equal to 0 (%)", ylim=(0, min(100, highest * 1.25 + 5)))
     ax_z.set_title("Sparsity of the deployed ternary codes (mean ± std over seeds)", fontsize=10)
     ax_z.legend(fontsize=8)
     ax_z.grid(axis="y", alpha=0.3)
-    series = [("FP32", [layers[n]["fp32"] for n in names], "0.6", None),
-              ("2-bit codes", [layers[n]["codes_2bit"] for n in names], "#444444", None),
-              ("base-3 codes", [layers[n]["codes_base3"] for n in names], "#888888", "//")]
-    series += [(f"entropy-coded, {label(m)}", per_layer("coded", m), color(m), None) for m in modes]
+    series = [("FP32", [layers[n]["fp32_bytes"] for n in names], "0.6", None),
+              ("2-bit codes", [layers[n]["bytes_2bit"] for n in names], "#444444", None),
+              ("base-3 codes", [layers[n]["bytes_base3"] for n in names], "#888888", "//")]
+    series += [(f"entropy-coded, {label(m)}", per_layer("bytes_entropy", m), color(m), None) for m in modes]
     width = 0.8 / len(series)
     for i, (name, vals, c, hatch) in enumerate(series):
         at = x + (i - (len(series) - 1) / 2) * width
         ax_b.bar(at, vals, width, color=c, hatch=hatch, label=name, edgecolor="white" if hatch else None, lw=0)
         if i >= 3:  # each mode's order-0 bound as a black tick across its entropy-coded bar
-            ax_b.plot(at, per_layer("entropy", modes[i - 3]), "_", color="black", ms=max(4.0, 60 * width), mew=1.6,
-                      label="order-0 entropy bound" if i == 3 else None)
+            ax_b.plot(at, per_layer("order0_bytes", modes[i - 3]), "_", color="black", ms=max(4.0, 60 * width),
+                      mew=1.6, label="order-0 entropy bound" if i == 3 else None)
     ax_b.set(yscale="log", xticks=x, xticklabels=names, ylabel="bytes per layer (log scale)")
     ax_b.set_title("Bytes per layer: FP32, fixed-rate, entropy-coded; — = order-0 bound\n"
                    "(code blocks only; scales, biases and the file header excluded)", fontsize=10)
     ax_b.legend(fontsize=7, ncol=2, loc="upper left")
-    ax_b.set_ylim(top=max(layers[n]["fp32"] for n in names) * 30)
+    ax_b.set_ylim(top=max(layers[n]["fp32_bytes"] for n in names) * 30)
     ax_b.grid(axis="y", which="both", alpha=0.25)
-    return _save(fig, Path(out_dir) / "sparsity_bytes.png")
+    return fig
 
 
-def plot_admm_residual(results_dir, out_dir, tag="study") -> Path:
+def plot_admm_residual(results_dir, tag="study") -> Figure:
     """Figure 5: ADMM's primal residual ||W - G|| / ||W|| and penalty rho per epoch."""
-    runs = [r for r in _runs(results_dir, tag, "history", ".csv") if r[0] == "admm"]
+    runs = [(seed, path) for mode, seed, path, _ in _runs(results_dir, tag, "history", ".csv") if mode == "admm"]
     if not runs:
-        raise MissingInput(f"no history/admm_seed*.csv in {results_dir}")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained", sharex=True)
-    drawn, all_epochs = 0, []
-    for i, (_, seed, path) in enumerate(runs):
-        if hist := [h for h in read_csv(path) if h.get("primal_residual") not in (None, "")]:
+        raise NoResults(f"no history/admm_seed*.csv in {results_dir}")
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    all_epochs = []
+    for i, (seed, path) in enumerate(runs):
+        if hist := [h for h in read_results(path)[1] if h.get("primal_residual") not in (None, "")]:
             all_epochs += [int(float(h["epoch"])) for h in hist]
             for ax, key, c in zip(axes, ("primal_residual", "rho"), (color("admm"), "#8c564b")):
-                ax.plot([int(float(h["epoch"])) for h in hist], [float(h[key]) for h in hist],
-                        ls=STYLES[i % len(STYLES)], marker="o", color=c, label=f"seed {seed}")
-            drawn += 1
-    if not drawn:
-        plt.close(fig)
-        raise MissingInput("ADMM history files have no primal_residual column")
+                ax.plot(all_epochs[-len(hist):], [float(h[key]) for h in hist], ls=STYLES[i % len(STYLES)], marker="o",
+                        color=c, label=f"seed {seed}")
+    if not all_epochs:
+        raise NoResults("ADMM history files have no primal_residual column")
     for ax, ylabel, title in zip(axes, ("primal residual ‖W − G‖ / ‖W‖ (log)", "penalty ρ (log)"),
                                  ("Distance of latent W from its ternary copy G",
                                   "ADMM penalty ρ (grows after every G/U update)")):
@@ -295,7 +272,7 @@ def plot_admm_residual(results_dir, out_dir, tag="study") -> Path:
         _epoch_axis(ax, all_epochs)
         ax.set_title(title, fontsize=10)
     fig.suptitle("ADMM: constraint violation and penalty over training", fontsize=11)
-    return _save(fig, Path(out_dir) / "admm_residual.png")
+    return fig
 
 
 FIGURES = {"results_comparison.png": plot_comparison, "training_curves.png": plot_training_curves,
@@ -310,10 +287,9 @@ def plot_all(results_dir="results", out_dir=None, tag="study", log=print) -> dic
     made = {}
     for name, draw in FIGURES.items():
         try:
-            made[name] = draw(results_dir, out_dir, tag)
+            draw(results_dir, tag).savefig(made.setdefault(name, out_dir / name), dpi=150)
             log(f"wrote {made[name]}")
-        except (MissingInput, NoResults, ResultsError, ValueError, KeyError, OSError) as e:
-            plt.close("all")
+        except (ValueError, KeyError, OSError) as e:  # NoResults is a ValueError
             made[name] = None
             log(f"skipped {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return made

@@ -5,13 +5,12 @@ every pair named in TABLES and nothing else, so prose is never touched and a sec
 Intervals are 95 % Student-t intervals of a mean over seeds; methods are compared paired on seeds (t-interval of the
 per-seed differences) and on test images (McNemar's exact test per seed), see quant.stats.
 """
-import csv
-import io
 import itertools
 import json
 import math
 import re
 import statistics
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,13 @@ LAYERS = ("conv1", "conv2", "fc1", "fc2")
 MARKER = re.compile(r"<!-- BEGIN:(?P<name>[\w.-]+) -->(?P<body>.*?)<!-- END:(?P=name) -->", re.S)
 NA = "n/a"
 MAX_PREDICTIONS_BYTES = 1 << 20  # a predictions file holds 10,000 uint8 classes (~10 KB); refuse anything huge
-# summarize's key, the deployment.csv column of a checkpoint's "total" row, and its deployment_table header
-TOTALS = [("file_2bit", "file_bytes_2bit", "2-bit file (B)"), ("file_base3", "file_bytes_base3", "Base-3 file (B)"),
-          ("file_entropy", "file_bytes_entropy", "Entropy file (B)"), ("file_onnx", "file_bytes_onnx", "ONNX file (B)"),
-          ("codes_2bit", "bytes_2bit", "Codes 2-bit (B)"), ("codes_base3", "bytes_base3", "Codes base-3 (B)"),
-          ("codes_entropy", "bytes_entropy", "Codes entropy-coded (B)"),
-          ("entropy_bytes", "order0_bytes", "Order-0 bound (B)"),
-          ("coded_bits", "bits_per_weight_entropy", "Entropy code (bit/weight)"),
-          ("entropy_bits", "order0_bits", "Order-0 bound (bit/weight)"),
-          ("fp32_state_dict", "fp32_state_dict_bytes", "FP32 state_dict (B)"), ("zero_fraction", "zero_fraction", None)]
+# The deployment.csv columns of a checkpoint's "total" row that summarize keeps, and their deployment_table header.
+TOTALS = {"file_bytes_2bit": "2-bit file (B)", "file_bytes_base3": "Base-3 file (B)",
+          "file_bytes_entropy": "Entropy file (B)", "file_bytes_onnx": "ONNX file (B)", "bytes_2bit": "Codes 2-bit (B)",
+          "bytes_base3": "Codes base-3 (B)", "bytes_entropy": "Codes entropy-coded (B)",
+          "order0_bytes": "Order-0 bound (B)", "bits_per_weight_entropy": "Entropy code (bit/weight)",
+          "order0_bits": "Order-0 bound (bit/weight)", "fp32_state_dict_bytes": "FP32 state_dict (B)",
+          "zero_fraction": None}
 # Published reference points, never recomputed: the seed study's README table (one unseeded run per method, tuned
 # on the test set) and the TWN paper (Li et al., arXiv 1605.04711, LeNet-5 on MNIST).
 SEED_STUDY = {"fp": 98.96, "twn": 95.46, "ttq": 94.60, "admm": 98.67}
@@ -42,7 +39,7 @@ TWN_PAPER = {"fp": 99.41, "twn": 99.35}
 
 
 class NoResults(ValueError):
-    """results/ holds no rows for the requested tag (nothing to tabulate or plot)."""
+    """results/ lacks what a table or figure needs (no rows for the requested tag, or an input file)."""
 
 
 def label(mode: str) -> str:
@@ -67,10 +64,8 @@ def number(value) -> float:
 
 def seed_of(row: dict):
     """The seed as an int where it is one (old tables may lack the column: "")."""
-    try:
-        return int(float(row.get("seed") or ""))
-    except ValueError:
-        return row.get("seed") or ""
+    seed = number(row.get("seed"))
+    return row.get("seed") or "" if math.isnan(seed) else int(seed)
 
 
 def mean(values):
@@ -84,47 +79,39 @@ def std(values):
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def read_csv(path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def read_json(path):
     return json.loads(Path(path).read_text()) if Path(path).exists() else None
 
 
 def study_rows(results_dir, tag: str = "study", required: bool = False) -> list[dict]:
-    """Latest results.csv row per (mode, seed) with `tag` (file order = age), ordered by mode then seed; with
-    `required`, an unreadable results.csv or no such rows raise NoResults."""
+    """Latest results.csv row per (mode, seed) with `tag` (file order = age), ordered by mode then seed. NoResults if
+    results.csv is unreadable, or, with `required`, has no such rows."""
+    path = Path(results_dir) / "results.csv"
     try:
-        latest = {(r["mode"], seed_of(r)): r for r in read_results(Path(results_dir) / "results.csv")[1]
-                  if (r.get("tag") or "") == tag and r.get("mode")}
+        rows = read_results(path)[1]
     except ResultsError as e:
-        if required:
-            raise NoResults(str(e)) from None
-        raise
+        raise NoResults(str(e)) from None
+    latest = {(r["mode"], seed_of(r)): r for r in rows if (r.get("tag") or "") == tag and r.get("mode")}
     if required and not latest:
-        raise NoResults(f"{Path(results_dir) / 'results.csv'} has no rows tagged {tag!r}")
+        raise NoResults(f"{path} has no rows tagged {tag!r}")
     return [latest[k] for k in sorted(latest, key=lambda k: (mode_key(k[0]), seed_key(k[1])))]
 
 
 def deployment_rows(results_dir, rows: list[dict]) -> list[dict]:
     """deployment.csv rows of the checkpoints in `rows` (all rows if none of them match: a hand-made table)."""
-    path = Path(results_dir) / "deployment.csv"
-    table = read_csv(path) if path.exists() else []
+    table = read_results(Path(results_dir) / "deployment.csv")[1]
     wanted = {r.get("checkpoint") for r in rows}
     return [d for d in table if d.get("checkpoint") in wanted] or table
 
 
 def summarize(results_dir, tag: str = "study") -> dict:
-    """{mode: {key: [per seed]}} of the latest `tag` runs (NoResults if none): results.csv's accuracies, the TOTALS,
+    """{mode: {key: [per seed]}} of the latest `tag` runs (NoResults if none): seeds, accuracies, TOTALS columns,
     mismatches, size (bytes deployed: the 2-bit file; FP: the FP32 state_dict) and compression (FP32 / size)."""
     rows = study_rows(results_dir, tag, required=True)
     totals = [d for d in deployment_rows(results_dir, rows) if d.get("layer") == "total"]
     out = {}
     for row in rows:
-        s = out.setdefault(row["mode"], {k: [] for k in ("seeds", "test_acc", "val_acc", "train_seconds",
-                                                          *(t[0] for t in TOTALS), "mismatches", "size", "compression")})
+        s = out.setdefault(row["mode"], defaultdict(list))
         s["seeds"].append(seed_of(row))
         for key in ("test_acc", "val_acc", "train_seconds"):
             s[key].append(number(row.get(key)))
@@ -132,18 +119,18 @@ def summarize(results_dir, tag: str = "study") -> dict:
         if not dep and row["mode"] != "fp":  # a hand-made deployment.csv: match by mode and seed order
             dep = [d for d in totals if d.get("mode") == row["mode"]][len(s["seeds"]) - 1:len(s["seeds"])]
         if dep:
-            for key, col, _ in TOTALS:
-                s[key].append(number(dep[0].get(col)))
+            for col in TOTALS:
+                s[col].append(number(dep[0].get(col)))
             s["mismatches"].append(sum(number(v or 0) for k, v in dep[0].items() if k.startswith("mismatches_")))
-            s["size"].append(s["file_2bit"][-1])
-            s["compression"].append(s["fp32_state_dict"][-1] / s["file_2bit"][-1])
+            s["size"].append(s["file_bytes_2bit"][-1])
+            s["compression"].append(s["fp32_state_dict_bytes"][-1] / s["file_bytes_2bit"][-1])
         elif row["mode"] == "fp" and totals:
             # FP ships as its FP32 state_dict; same architecture, so any packed checkpoint's figure is its size.
             fp32 = mean([number(d.get("fp32_state_dict_bytes")) for d in totals])
-            s["fp32_state_dict"].append(fp32)
+            s["fp32_state_dict_bytes"].append(fp32)
             s["size"].append(fp32)
             s["compression"].append(1.0)
-    return dict(sorted(out.items(), key=lambda kv: mode_key(kv[0])))
+    return out
 
 
 def read_classes(path) -> tuple[np.ndarray | None, str]:
@@ -152,7 +139,7 @@ def read_classes(path) -> tuple[np.ndarray | None, str]:
     try:
         if path.stat().st_size > MAX_PREDICTIONS_BYTES:
             return None, f"{path.name} is over {MAX_PREDICTIONS_BYTES:,} bytes"
-        values = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+        values = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         return None, f"no {path.name}"
     except (OSError, ValueError, EOFError) as e:
@@ -171,7 +158,7 @@ def predictions(results_dir, rows: list[dict]) -> tuple[dict, list[str]]:
     folder = Path(results_dir) / "predictions"
     labels, why = read_classes(folder / "test_labels.npy")
     if labels is None:
-        return {}, [why] if rows else []
+        return {}, [why]
     correct, left_out = {}, []
     for row in rows:
         mode, seed = row["mode"], seed_of(row)
@@ -189,16 +176,15 @@ def predictions(results_dir, rows: list[dict]) -> tuple[dict, list[str]]:
 
 
 def layer_stats(results_dir, tag: str = "study") -> dict:
-    """{layer: {"weights", "fp32", "codes_2bit", "codes_base3": bytes, and per statistic "zero" (fraction),
-    "entropy" (order-0 bound, B), "coded" (entropy-coded, B): {mode: [per seed]}}} from deployment.csv."""
+    """{layer: {"weights", "fp32_bytes", "bytes_2bit", "bytes_base3": one number, and "zero_fraction", "order0_bytes",
+    "bytes_entropy": {mode: [per seed]}}}: deployment.csv's columns for the latest `tag` runs (NoResults if none)."""
     out = {}
-    for d in deployment_rows(results_dir, study_rows(results_dir, tag)):
-        if d.get("layer") not in LAYERS or (d.get("ternary") or "True") != "True":
-            continue
-        s = out.setdefault(d["layer"], {k: number(d.get(col)) for k, col in (
-            ("weights", "weights"), ("fp32", "fp32_bytes"), ("codes_2bit", "bytes_2bit"), ("codes_base3", "bytes_base3"))})
-        for key, col in (("zero", "zero_fraction"), ("entropy", "order0_bytes"), ("coded", "bytes_entropy")):
-            s.setdefault(key, {}).setdefault(d.get("mode", "?"), []).append(number(d.get(col)))
+    for d in deployment_rows(results_dir, study_rows(results_dir, tag, required=True)):
+        if d.get("layer") in LAYERS and (d.get("ternary") or "True") == "True":
+            s = out.setdefault(d["layer"], {k: number(d.get(k)) for k in ("weights", "fp32_bytes", "bytes_2bit",
+                                                                          "bytes_base3")})
+            for key in ("zero_fraction", "order0_bytes", "bytes_entropy"):
+                s.setdefault(key, {}).setdefault(d.get("mode", "?"), []).append(number(d.get(key)))
     return {k: out[k] for k in LAYERS if k in out}
 
 
@@ -244,20 +230,22 @@ def seeds_table(stats: dict) -> str:
 
 
 def deployment_table(stats: dict) -> str:
-    columns = [t for t in TOTALS if t[2]]
-    rows = [[label(mode), *(fmt(mean(s[k]), ".3f" if k.endswith("_bits") else ",.0f") for k, _, _ in columns),
-             fmt(sum(s["mismatches"]), ".0f")] for mode, s in stats.items() if mode != "fp" and s["file_2bit"]]
+    columns = {col: header for col, header in TOTALS.items() if header}
+    rows = [[label(mode), *(fmt(mean(s[col]), ".3f" if "bit/weight" in header else ",.0f")
+                            for col, header in columns.items()),
+             fmt(sum(s["mismatches"]), ".0f")] for mode, s in stats.items() if mode != "fp" and s["file_bytes_2bit"]]
     if not rows:
         return "*No deployment files yet: run `python reproduce.py` (or `deployment_compression.py --verify`).*"
-    return markdown(["Method", *(h for _, _, h in columns), "Packed ≠ checkpoint predictions"], rows)
+    return markdown(["Method", *columns.values(), "Packed ≠ checkpoint predictions"], rows)
 
 
 def layers_table(layers: dict) -> str:
     if not layers:
         return "*No deployment files yet: run `python reproduce.py`.*"
-    modes = sorted({m for s in layers.values() for m in s["zero"]}, key=mode_key)
-    rows = [[name, *(fmt(s[k], ",.0f") for k in ("weights", "fp32", "codes_2bit", "codes_base3")),
-             *[pm([100 * z for z in s["zero"].get(m, [])], ".1f") for m in modes]] for name, s in layers.items()]
+    modes = sorted({m for s in layers.values() for m in s["zero_fraction"]}, key=mode_key)
+    rows = [[name, *(fmt(s[k], ",.0f") for k in ("weights", "fp32_bytes", "bytes_2bit", "bytes_base3")),
+             *[pm([100 * z for z in s["zero_fraction"].get(m, [])], ".1f") for m in modes]]
+            for name, s in layers.items()]
     return markdown(["Layer", "Weights", "FP32 (B)", "2-bit (B)", "Base-3 (B)",
                      *[f"{label(m)} zero codes (%)" for m in modes]], rows)
 
@@ -330,27 +318,21 @@ def comparison_table(stats: dict) -> str:
     return markdown(["Method", "This study: test acc. (%)", "Seed study (%)", "TWN paper (%)"], rows)
 
 
-def _knob_text(config: dict, defaults: dict) -> str:
-    """A candidate config as the flags in which it differs from the defaults."""
-    flat = lambda c: {**{k: v for k, v in c.items() if k != "hyperparams"}, **c["hyperparams"]}  # noqa: E731
-    base = flat(defaults)
-    changed = [f"{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"{k.replace('_', '-')} {v}"
-               for k, v in flat(config).items() if base.get(k) != v]
-    return ", ".join(changed) or "defaults"
-
-
 def confirm_table(results_dir) -> str:
     """The confirmation stage (quant/confirm.py): each candidate's full-length validation accuracy over seeds,
     its paired difference from the defaults ± one standard error, and the one-standard-error choice."""
     summary = read_json(Path(results_dir) / "tuning" / "confirm_summary.json") or {}
+    flat = lambda c: {**{k: v for k, v in c.items() if k != "hyperparams"}, **c["hyperparams"]}  # noqa: E731
     rows = []
     for mode in sorted(summary, key=mode_key):
         for precision, entry in summary[mode].items():
             if len(entry["candidates"]) < 2:  # the defaults alone: runs for the precision table
                 continue
-            defaults = next(c for c in entry["candidates"] if c.get("defaults"))["config"]
+            defaults = flat(next(c for c in entry["candidates"] if c.get("defaults"))["config"])
             for c in sorted(entry["candidates"], key=lambda c: not c.get("defaults")):
-                rows.append([label(mode), precision, _knob_text(c["config"], defaults), str(len(c["val_accs"])),
+                changed = ", ".join(f"{k.replace('_', '-')} {format(v, 'g') if isinstance(v, float) else v}"
+                                    for k, v in flat(c["config"]).items() if defaults.get(k) != v)
+                rows.append([label(mode), precision, changed or "defaults", str(len(c["val_accs"])),
                              f"{c['mean']:.2f} ± {c['std']:.2f}",
                              "—" if c.get("defaults") else f"{c['diff_vs_defaults']:+.2f} ± {c['diff_se']:.2f}",
                              "**chosen**" if c["config"] == entry["config"] else ""])
@@ -388,27 +370,28 @@ def speed_table(results_dir) -> str:
     bench = read_json(Path(results_dir) / "benchmarks.json")
     if not bench:
         return "*No benchmark yet: `python benchmarks/bench.py --data-dir ../shared/mnist`.*"
-    rows = [[f"floor (fwd + bwd + Adam, one batch in memory), batch {what}" if key == "floor" else
-             f"real epoch, {label(what)}", precision, f"{r['images_per_s']:,.0f}", f"{r['ms_per_step']:.1f}"]
+    runs = [(f"floor (fwd + bwd + Adam, one batch in memory), batch {what}" if key == "floor" else
+             f"real epoch, {label(what)}", precision, r)
             for key in ("floor", "real_epoch") for precision, suffix in (("FP32", ""), ("bf16", "_bf16"))
             for what, r in bench.get(key + suffix, {}).items()]
-    if "naive" in bench:
-        rows.append(["naive torchvision DataLoader epoch", "FP32", f"{bench['naive']['images_per_s']:,.0f}",
-                     f"{bench['naive']['ms_per_step']:.1f}"])
-    table = markdown(["Measurement (fastest of the rounds)", "Precision", "img/s", "ms/step"], rows, "llrr")
-    met = lambda value, bar, is_max: "yes" if (value <= bar if is_max else value >= bar) else "**no**"  # noqa: E731
+    runs += [("naive torchvision DataLoader epoch", "FP32", bench["naive"])] if "naive" in bench else []
+    table = markdown(["Measurement (fastest of the rounds)", "Precision", "img/s", "ms/step"],
+                     [[name, precision, f"{r['images_per_s']:,.0f}", f"{r['ms_per_step']:.1f}"]
+                      for name, precision, r in runs], "llrr")
+    ratios = dict(bench.get("ratios", {}))
+    wall = {p: read_json(Path(results_dir) / "speed" / f"seed0_{p}.json") for p in ("fp32", "auto")}
+    if all(wall.values()):  # reproduce.py --seeds 0 at each precision, one run after the other
+        auto, fp32 = wall["auto"]["seconds_total"], wall["fp32"]["seconds_total"]
+        ratios[f"reproduce.py --seeds 0 wall time, default precision / FP32 ({auto:.0f} s / {fp32:.0f} s)"] = {
+            "value": auto / fp32, "bar": 0.7, "bar_is": "max"}
     rows = []
-    for name, r in bench.get("ratios", {}).items():
+    for name, r in ratios.items():
         for key, value in (r["value"] if isinstance(r["value"], dict) else {"": r["value"]}).items():
             rounds = [v[key] if key else v for v in r.get("per_round", [])]
+            met = value <= r["bar"] if r["bar_is"] == "max" else value >= r["bar"]
             rows.append([f"{name} {label(key) if key else ''}".strip(), f"{value:.2f}",
                          f"{min(rounds):.2f}–{max(rounds):.2f}" if rounds else "—",
-                         f"{'≤' if r['bar_is'] == 'max' else '≥'} {r['bar']:g}", met(value, r["bar"], r["bar_is"] == "max")])
-    runs = {p: read_json(Path(results_dir) / "speed" / f"seed0_{p}.json") for p in ("fp32", "auto")}
-    if all(runs.values()):  # reproduce.py --seeds 0 at each precision, one run after the other
-        auto, fp32 = runs["auto"]["seconds_total"], runs["fp32"]["seconds_total"]
-        rows.append([f"reproduce.py --seeds 0 wall time, default precision / FP32 ({auto:.0f} s / {fp32:.0f} s)",
-                     f"{auto / fp32:.2f}", "—", "≤ 0.7", met(auto / fp32, 0.7, True)])
+                         f"{'≤' if r['bar_is'] == 'max' else '≥'} {r['bar']:g}", "yes" if met else "**no**"])
     m = bench["machine"]
     ratios = markdown(["Ratio", "Median of rounds", "Rounds min–max", "Bar", "Met"], rows, "lrrll")
     return (f"{table}\n\n{ratios}\n\n*{m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, "
@@ -428,10 +411,6 @@ def tables(results_dir, tag: str = "study") -> dict:
             "comparison_table": comparison_table(stats), "paired_table": paired_table(results_dir, tag),
             "confirm_table": confirm_table(results_dir), "precision_table": precision_table(results_dir),
             "speed_table": speed_table(results_dir)}
-
-
-def marker_names(text: str) -> list[str]:
-    return [m["name"] for m in MARKER.finditer(text)]
 
 
 def fill(text: str, generated: dict) -> str:

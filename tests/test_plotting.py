@@ -64,10 +64,10 @@ def test_old_schema_results_csv_is_read(tmp_path):
         f"{s},{acc},{m},checkpoints/{m}_seed{s}.pth\n"
         for m, acc in (("fp", 99.0), ("twn", 98.5), ("ttq", 98.1), ("admm", 98.3)) for s in (0, 1))
     (results / "results.csv").write_text(old)
-    path = plotting.plot_comparison(results, tmp_path, tag="")
+    path = plotting.plot_all(results, tmp_path / "png", tag="", log=lambda _: None)["results_comparison.png"]
     assert png_size(path)[0] >= 800
-    with pytest.raises(plotting.MissingInput, match="no rows tagged 'study'"):
-        plotting.plot_comparison(results, tmp_path, tag="study")
+    with pytest.raises(plotting.NoResults, match="no rows tagged 'study'"):
+        plotting.plot_comparison(results, tag="study")
 
 
 def test_malformed_results_csv_is_a_note_not_a_traceback(tmp_path):
@@ -116,14 +116,6 @@ def test_weight_summary_matches_the_checkpoint(mode):
         assert (entry["latent_distinct"] <= 3) == (mode == "admm")
 
 
-def captured_figure(monkeypatch, draw, *args):
-    """Run a figure function and return its matplotlib figure instead of closing it."""
-    figures = []
-    monkeypatch.setattr(plotting, "_save", lambda fig, path: figures.append(fig) or path)
-    draw(*args)
-    return figures[0]
-
-
 def marked_epochs(ax, hollow: bool) -> list[float]:
     """Epochs of the circle markers of one panel, hollow (white face) or filled."""
     from matplotlib.colors import to_rgba
@@ -136,7 +128,7 @@ def marked_epochs(ax, hollow: bool) -> list[float]:
     return sorted(out)
 
 
-def test_training_curves_mark_full_precision_validation_points_hollow(tmp_path, monkeypatch):
+def test_training_curves_mark_full_precision_validation_points_hollow(tmp_path):
     results = make_results(tmp_path)
     ternary = {"fp": [0, 0, 0], "twn": [1, 1, 1], "ttq": [0, 1, 1], "admm": [0, 0, 1]}
     for path in (results / "history").glob("*.csv"):
@@ -144,7 +136,7 @@ def test_training_curves_mark_full_precision_validation_points_hollow(tmp_path, 
         lines = path.read_text().splitlines()
         path.write_text("\n".join([lines[0] + ",val_ternary"] + [f"{row},{t}" for row, t in zip(lines[1:], ternary[mode])])
                         + "\n")
-    fig = captured_figure(monkeypatch, plotting.plot_training_curves, results, tmp_path)
+    fig = plotting.plot_training_curves(results)
     for col, mode in enumerate(("fp", "twn", "ttq", "admm")):
         for ax in fig.axes[col], fig.axes[4 + col]:  # accuracy and loss panels
             hollow = [e for e, t in enumerate(ternary[mode], 1) if not t] * 2  # two seeds
@@ -157,10 +149,10 @@ def test_training_curves_mark_full_precision_validation_points_hollow(tmp_path, 
     assert "not ternary" not in fig.axes[3].get_title()  # the hollow points say it now
 
 
-def test_training_curves_from_histories_without_val_ternary(tmp_path, monkeypatch):
+def test_training_curves_from_histories_without_val_ternary(tmp_path):
     """Older history files lack the column: their points are drawn as 'not recorded', and ADMM keeps its note."""
     results = make_results(tmp_path)
-    fig = captured_figure(monkeypatch, plotting.plot_training_curves, results, tmp_path)
+    fig = plotting.plot_training_curves(results)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["weights not recorded (history without val_ternary)"]
     assert not marked_epochs(fig.axes[0], hollow=True) and not marked_epochs(fig.axes[0], hollow=False)
     assert "not ternary" in fig.axes[3].get_title()
