@@ -80,7 +80,8 @@ def parse_args():
                         help="Optuna storage URL shared by every worker and machine, e.g. postgresql://user@host/db "
                              f"(default: sqlite:///OUT_DIR/{tuning.DATABASE})")
     parser.add_argument("--sampler", choices=("grid", "tpe"), default="grid",
-                        help="grid: every point of the grids (default); tpe: Optuna's TPE over the ranges they span")
+                        help="grid: every point of the grids (default); tpe: Optuna's TPE over the ranges they span, "
+                             "seeded by --seed unless --workers or --storage shares the study")
     parser.add_argument("--trials", type=positive_int, default=None,
                         help="with --sampler tpe: stop when the study has N finished trials")
     parser.add_argument("--prune", action="store_true",
@@ -149,7 +150,7 @@ def main():
     tuning.search(args.grids, epochs=args.epochs, train_subset=args.train_subset, val_size=args.val_size,
                   seed=args.seed, precision=args.precision, data_dir=args.data_dir, skip_checksum=args.skip_checksum,
                   out_dir=args.out_dir, storage=args.storage, trials=args.trials, prune=args.prune,
-                  device=args.device)
+                  shared=args.worker or args.storage is not None, device=args.device)
     if args.worker:
         return
     summary = tuning.read_json(Path(args.out_dir) / tuning.SUMMARY, {})

@@ -173,9 +173,11 @@ def _suggest(trial, key: str, values: list):
 
 def search(grids: dict, *, epochs=1, train_subset=20000, val_size=KEYS["val_size"].default, seed=KEYS["seed"].default,
            precision=KEYS["precision"].default, data_dir="data", skip_checksum=False, out_dir="results/tuning",
-           storage=None, trials=None, prune=False, device="cpu", log=print) -> list[dict]:
+           storage=None, trials=None, prune=False, shared=False, device="cpu", log=print) -> list[dict]:
     """Run each mode's study until every grid config (or `trials` TPE trials) has finished, here or in other
-    processes on the storage; write the outputs; return the records run here. `prune`: Optuna's MedianPruner."""
+    processes on the storage; write the outputs; return the records run here. `prune`: Optuna's MedianPruner.
+    TPE samples from `seed` (the same seed, the same trials) unless `shared`: other processes work the same
+    study, and seeded copies would all propose the same points."""
     if val_size < 1:
         raise ConfigError("tuning needs --val-size >= 1")
     data = load_mnist(data_dir, val_size=val_size, split_seed=seed, train_subset=train_subset,
@@ -192,7 +194,7 @@ def search(grids: dict, *, epochs=1, train_subset=20000, val_size=KEYS["val_size
         name = (f"{mode}-{epochs}ep-{train_subset or 'all'}img-{val_size}val-seed{seed}-{precision}"
                 f"-{data.checksum[:12]}")  # one study per mode and budget: a rerun finds it
         sampler_ = (optuna.samplers.GridSampler(grid, seed=seed) if trials is None else
-                    optuna.samplers.TPESampler(constant_liar=True))  # unseeded: each worker samples its own
+                    optuna.samplers.TPESampler(seed=None if shared else seed, constant_liar=True))
         study = open_study(url, name, sampler_, optuna.pruners.MedianPruner() if prune else optuna.pruners.NopPruner())
         total = trials or len(points)
 

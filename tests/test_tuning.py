@@ -253,6 +253,17 @@ def test_tpe_samples_the_range_the_grid_spans(tmp_path, synthetic_mnist):
     assert len(one) == 1 and len(study(tmp_path / "one", "fp").trials) == 3 and len(trials_in(tmp_path / "one", "fp")) == 1
 
 
+def test_tpe_with_the_same_seed_samples_the_same_trials_unless_shared(tmp_path, synthetic_mnist, monkeypatch):
+    grid = {"fp": {"lr": [1e-3, 1e-2], "batch_size": [64, 128]}}
+    runs = [search(tmp_path / name, synthetic_mnist, grid, trials=3) for name in ("a", "b")]
+    assert [r["config"] for r in runs[0]] == [r["config"] for r in runs[1]]
+    seeds = []
+    real = optuna.samplers.TPESampler
+    monkeypatch.setattr(optuna.samplers, "TPESampler", lambda seed, **kw: (seeds.append(seed), real(seed=seed, **kw))[1])
+    search(tmp_path / "c", synthetic_mnist, grid, trials=1, shared=True)  # --workers copies, a shared --storage
+    assert seeds == [None]
+
+
 def test_pruned_trials_are_finished_and_recorded_as_pruned(tmp_path, synthetic_mnist, monkeypatch):
     # A pruner that always prunes, in place of the median rule (which needs five finished trials to compare with).
     monkeypatch.setattr(optuna.pruners, "MedianPruner", lambda: optuna.pruners.ThresholdPruner(lower=101.0))
