@@ -116,7 +116,8 @@ def pack_and_verify(paths, encodings=tuple(ENCODINGS), mnist=None, onnx: bool = 
     job = partial(pack_checkpoint, encodings=encodings, mnist=mnist, fold_bn=fold_bn, float_dtype=float_dtype,
                   onnx=onnx)
     paths, done = [Path(p) for p in paths], {Path(p): s for p, s in (done or {}).items()}
-    fresh = dict(zip([p for p in paths if p not in done], map_fn(job, [p for p in paths if p not in done])))
+    todo = [p for p in paths if p not in done]
+    fresh = dict(zip(todo, map_fn(job, todo)))
     summaries = [done[p] if p in done else fresh[p] for p in paths]
     packed, not_packed = [s for s in summaries if "layers" in s], [s for s in summaries if "layers" not in s]
     for s in packed:

@@ -157,6 +157,11 @@ def study_checkpoints(results_path: Path, tag: str) -> list[Path]:
     return [Path(p) for p in dict.fromkeys(latest.values()) if p and Path(p).exists()]
 
 
+def without_training(full: MNIST) -> MNIST:
+    """`full` without its training images: what packing and verifying a checkpoint reads."""
+    return replace(full, train_x=full.train_x[:0], train_y=full.train_y[:0])
+
+
 def run_one(plan: Plan, full: MNIST, mode: str, seed: int, log=print) -> dict:
     """Train (or reuse), evaluate, write the artefacts of, pack and verify one (mode, seed); returns its results
     row, its record for study.json and its packing summary (pack_checkpoint's)."""
@@ -173,8 +178,7 @@ def run_one(plan: Plan, full: MNIST, mode: str, seed: int, log=print) -> dict:
     log(f"{mode} seed {seed}: test accuracy {result['row']['test_acc']:.2f}% "
         f"(validation {result['row']['val_acc']:.2f}%)")
     # Packed here, while other workers still train; the CPU predictions just made are the files' reference.
-    test_only = replace(full, train_x=full.train_x[:0], train_y=full.train_y[:0])
-    packed = pack_checkpoint(path, mnist=test_only, onnx=True,
+    packed = pack_checkpoint(path, mnist=without_training(full), onnx=True,
                              reference=result["preds"] if torch.device(plan.device).type == "cpu" else None)
     return {"row": result["row"], "packed": packed,
             "run": {"mode": mode, "seed": seed, "checkpoint": str(path),
@@ -196,9 +200,9 @@ def _run_in_worker(job: tuple) -> dict:
 def run_study(plan: Plan, log=print) -> dict:
     """Train, evaluate, write artefacts, pack and verify; returns {"rows": results rows, "seconds": wall time}.
 
-    With plan.workers > 1 the runs, then the packing, go to that many processes with the caller's torch thread
-    count (reproduce.py: cores // workers): one-thread runs side by side beat one two-thread run whose threads
-    wait on each other at every operator. A run's numbers depend on its thread count (summation order), which
+    With plan.workers > 1 the runs (each packed by its worker) go to that many processes, longest first, with the
+    caller's torch thread count (reproduce.py: cores // workers): one-thread runs side by side beat one two-thread
+    run whose threads wait on each other at every operator. A run's numbers depend on its thread count (summation order), which
     study.json records. Rows reach results.csv in plan order. Plots and tables: plot_all, report.refresh.
     """
     unknown = [m for m in plan.modes if m not in METHODS]
@@ -213,8 +217,7 @@ def run_study(plan: Plan, log=print) -> dict:
     workers = max(1, min(plan.workers, len(jobs)))
     with contextlib.ExitStack() as stack:
         if workers == 1:
-            mapper = map
-            results = ((lambda job=job: run_one(plan, full, *job, log)) for job in jobs)
+            mapper, results = map, (run_one(plan, full, *job, log) for job in jobs)
         else:
             log(f"{len(jobs)} runs on {workers} worker processes, {torch.get_num_threads()} torch thread(s) each")
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -226,10 +229,9 @@ def run_study(plan: Plan, log=print) -> dict:
             # so a run's steps go as 1 / its batch size.
             batch = {mode: default_config(mode)["batch_size"] for mode in plan.modes}
             futures = {job: pool.submit(_run_in_worker, job) for job in sorted(jobs, key=lambda job: batch[job[0]])}
-            results = (futures[job].result for job in jobs)
+            results = (futures[job].result() for job in jobs)
         rows, runs, packed = [], [], {}
-        for result in results:  # in plan order
-            done = result()
+        for done in results:  # in plan order
             append_result(results_path, done["row"])
             rows.append(done["row"])
             runs.append(done["run"])
@@ -240,8 +242,7 @@ def run_study(plan: Plan, log=print) -> dict:
         show = (lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
             f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"
             for key in s if key.startswith("file_bytes_"))))
-        test_only = replace(full, train_x=full.train_x[:0], train_y=full.train_y[:0])  # what each packing job needs
-        if not pack_and_verify(checkpoints, mnist=test_only, onnx=True, results_dir=plan.results_dir, command=command,
+        if not pack_and_verify(checkpoints, mnist=without_training(full), onnx=True, results_dir=plan.results_dir, command=command,
                                show=show, map_fn=mapper, done=packed)["checkpoints"]:
             log("no ternary checkpoint to pack; deployment.csv left as it is")
     seconds = time.perf_counter() - start
