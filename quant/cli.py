@@ -3,6 +3,7 @@ choice, seeding, and `run_main`, which turns a QuantError (bad input, missing or
 or an OSError into one `error: ...` line and a non-zero exit; any other exception is a bug and keeps its traceback.
 """
 import argparse
+import ctypes
 import os
 import random
 import signal
@@ -95,9 +96,24 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for the next allocation instead of handing it back to the kernel
+    (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD). Every step and evaluation batch allocates tensors of
+    100 KB to 70 MB; by default glibc maps each from the kernel and unmaps it when freed, so the next one
+    page-faults in fresh zeroed pages (evaluating the 10,000 test images: 2.4 s, 1.2 s with this). The arithmetic
+    is unchanged. A no-op where the C library has no mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, TypeError, AttributeError):
+        return
+    for param, value in ((-3, 1 << 30), (-1, 1 << 30), (-2, 64 << 20)):
+        mallopt(param, value)
+
+
 def run_main(main, on_interrupt=None) -> None:
     """Run `main()`; a QuantError or OSError -> one stderr line + its exit code (2; 3 for a diverged run),
     SIGINT/SIGTERM -> message + exit 130."""
+    keep_freed_memory()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
     try:
         main()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
+from .cli import keep_freed_memory
 from .config import KEYS, default_config
 from .data import MNIST, load_mnist, split_indices
 from .deployment import PackError, pack_and_verify, pack_checkpoint  # noqa: F401 (reproduce.py catches PackError)
@@ -189,6 +190,7 @@ _WORKER = {}  # a worker process's plan and unsplit MNIST, loaded once by _start
 
 
 def _start_worker(plan: Plan, threads: int) -> None:
+    keep_freed_memory()  # what run_main does in the parent
     torch.set_num_threads(threads)
     _WORKER.update(plan=plan, full=load_mnist(plan.data_dir, val_size=0, verify_checksum=plan.verify_checksum))
 

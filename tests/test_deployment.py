@@ -138,6 +138,20 @@ def test_a_given_reference_is_what_the_files_are_compared_with(trained, mnist, t
     assert summary["test_acc_checkpoint"] == 100.0 * (wrong == mnist.test_y).sum().item() / len(wrong)
 
 
+def test_each_distinct_decoded_network_runs_on_the_test_set_once(trained, mnist, tmp_path, monkeypatch):
+    """2bit and entropy decode to the same tensors and share one run; base3, made to decode every code negated,
+    differs, runs on its own and has its mismatches counted."""
+    path = tmp_path / trained.name
+    path.write_bytes(trained.read_bytes())
+    codec, real_predict, runs = packing.get_codec("base3"), deployment.predict, []
+    real_decode = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda data, shape: -real_decode(data, shape))
+    monkeypatch.setattr(deployment, "predict", lambda net, x: (runs.append(net), real_predict(net, x))[1])
+    summary = deployment.pack_checkpoint(path, mnist=mnist)
+    assert len(runs) == 3  # the checkpoint's model (the reference), 2bit (also entropy's), base3
+    assert summary["mismatches_2bit"] == summary["mismatches_entropy"] == 0 < summary["mismatches_base3"]
+
+
 def test_a_prediction_mismatch_is_an_error_after_the_results_are_written(trained, mnist, tmp_path, monkeypatch):
     real = deployment.load_inference
     monkeypatch.setattr(deployment, "load_inference", lambda path: (lambda x: -real(path)(x)))  # argmin
