@@ -9,7 +9,7 @@ batches are slices of it, so there is no per-sample Dataset/PIL work in the trai
 import hashlib
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -136,11 +136,20 @@ def load_mnist(data_dir="data", val_size: int = 0, split_seed: int = 0, train_su
     for split, x, y in (("train", train_x, train_y), ("t10k", test_x, test_y)):
         if len(x) != len(y):
             raise DataError(f"{data_dir}: {split} images and labels differ in count; {HINT}")
-    train_idx, val_idx = split_indices(len(train_y), val_size, split_seed)
-    train_idx = train_idx[:train_subset]  # None: all
-    return MNIST(train_x=train_x[train_idx], train_y=train_y[train_idx], val_x=train_x[val_idx],
-                 val_y=train_y[val_idx], test_x=test_x, test_y=test_y,
+    full = MNIST(train_x, train_y, train_x[:0], train_y[:0], test_x, test_y,
                  checksum=hashlib.sha256("".join(digests).encode()).hexdigest())
+    return resplit(full, val_size, split_seed, train_subset)
+
+
+def resplit(full: MNIST, val_size: int, seed: int, train_subset: int | None = None) -> MNIST:
+    """load_mnist's split of `full` = load_mnist(val_size=0) (all training images in file order): the study
+    re-draws each seed's validation split by this one index gather instead of decoding the files again."""
+    if len(full.val_y):
+        raise ValueError("resplit needs an unsplit load (load_mnist(..., val_size=0))")
+    train_idx, val_idx = split_indices(len(full.train_y), val_size, seed)
+    train_idx = train_idx[:train_subset]  # None: all
+    return replace(full, train_x=full.train_x[train_idx], train_y=full.train_y[train_idx],
+                   val_x=full.train_x[val_idx], val_y=full.train_y[val_idx])
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):

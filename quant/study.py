@@ -14,7 +14,7 @@
     quant.plotting.plot_all(results/) and quant.report.refresh(report.md, README.md)
 
 Everything plots and the report need lands in the results folder, so they never open a checkpoint.
-`quick=True` (one seed, 5,000 training images, one epoch, tag "quick") writes to results/quick/ and
+`Plan.quick()` (one seed, 5,000 training images, one epoch, tag "quick") writes to results/quick/ and
 checkpoints/quick_*.pth, so a pipeline check never mixes with the study's numbers.
 """
 import contextlib
@@ -37,16 +37,13 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
 from .cli import keep_freed_memory
 from .config import KEYS, default_config
-from .data import MNIST, load_mnist, split_indices
+from .data import MNIST, load_mnist, resplit
 from .deployment import PackError, pack_and_verify, pack_checkpoint  # noqa: F401 (reproduce.py catches PackError)
 from .files import atomic_write_bytes, atomic_write_json
 from .methods import METHODS
 from .packing import code_mix
 from .results import append_result, read_results
 from .runs import evaluate_checkpoint, train_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
-HIST_BINS = 100
 
 
 @dataclass
@@ -76,28 +73,13 @@ class Plan:
                 "results_dir": Path("results/quick"), "prefix": "quick_"}
         return cls(**{**base, **overrides})
 
-    def checkpoint(self, mode: str, seed: int) -> Path:
-        return self.checkpoint_dir / f"{self.prefix}{run_name(mode, seed)}.pth"
-
 
 def run_name(mode: str, seed) -> str:
     """The file stem shared by a run's checkpoint, history CSV and weights JSON."""
     return f"{mode}_seed{seed}"
 
 
-def resplit(full: MNIST, val_size: int, seed: int, train_subset: int | None = None) -> MNIST:
-    """load_mnist(val_size=val_size, split_seed=seed, train_subset=...)'s split, by one index gather from
-    `full` = load_mnist(val_size=0) (all 60,000 training images in file order) instead of a second decode."""
-    if len(full.val_y):
-        raise ValueError("resplit needs an unsplit load (load_mnist(..., val_size=0))")
-    train_idx, val_idx = split_indices(len(full.train_y), val_size, seed)
-    train_idx = train_idx[:train_subset] if train_subset is not None else train_idx
-    return MNIST(train_x=full.train_x[train_idx], train_y=full.train_y[train_idx],
-                 val_x=full.train_x[val_idx], val_y=full.train_y[val_idx],
-                 test_x=full.test_x, test_y=full.test_y, checksum=full.checksum)
-
-
-def weight_summary(ckpt: dict, bins: int = HIST_BINS) -> dict:
+def weight_summary(ckpt: dict, bins: int = 100) -> dict:
     """Per weight layer: histogram of the latent weights over [-max|W|, max|W|] and, if ternary, delta,
     scales and the fractions of deployed codes -1 / 0 / +1 (what weight_histograms.png draws)."""
     state, export = ckpt["state_dict"], ckpt["export"]
@@ -151,13 +133,6 @@ def train_or_reuse(plan: Plan, config: dict, data: MNIST, path: Path, log=print)
     return train_checkpoint(config, data, path, device=plan.device, progress=plan.progress, log=log)
 
 
-def study_checkpoints(results_path: Path, tag: str) -> list[Path]:
-    """Checkpoints of the latest `tag` row per (mode, seed) in results.csv that still exist on disk."""
-    _, rows = read_results(results_path)
-    latest = {(r.get("mode"), r.get("seed")): r["checkpoint"] for r in rows if (r.get("tag") or "") == tag}
-    return [Path(p) for p in dict.fromkeys(latest.values()) if p and Path(p).exists()]
-
-
 def without_training(full: MNIST) -> MNIST:
     """`full` without its training images: what packing and verifying a checkpoint reads."""
     return replace(full, train_x=full.train_x[:0], train_y=full.train_y[:0])
@@ -169,10 +144,10 @@ def run_one(plan: Plan, full: MNIST, mode: str, seed: int, log=print) -> dict:
     data = resplit(full, plan.val_size, seed, plan.train_subset)
     config = default_config(mode, seed=seed, epochs=plan.epochs, val_size=plan.val_size,
                             train_subset=plan.train_subset, precision=plan.precision)
-    path = plan.checkpoint(mode, seed)
+    name = run_name(mode, seed)
+    path = plan.checkpoint_dir / f"{plan.prefix}{name}.pth"
     ckpt = train_or_reuse(plan, config, data, path, log)
     result = evaluate_checkpoint(path, mode, data, tag=plan.tag, device=plan.device, ckpt=ckpt)
-    name = run_name(mode, seed)
     write_history_csv(plan.results_dir / "history" / f"{name}.csv", ckpt["history"])
     atomic_write_json(plan.results_dir / "weights" / f"{name}.json", weight_summary(ckpt))
     write_predictions(plan.results_dir / "predictions" / f"{name}.npy", result["preds"])
@@ -204,8 +179,8 @@ def run_study(plan: Plan, log=print) -> dict:
 
     With plan.workers > 1 the runs (each packed by its worker) go to that many processes, longest first, with the
     caller's torch thread count (reproduce.py: cores // workers): one-thread runs side by side beat one two-thread
-    run whose threads wait on each other at every operator. A run's numbers depend on its thread count (summation order), which
-    study.json records. Rows reach results.csv in plan order. Plots and tables: plot_all, report.refresh.
+    run whose threads wait on each other at every operator. A run's numbers depend on its thread count (summation
+    order), which study.json records. Rows reach results.csv in plan order. Plots and tables: plot_all, report.refresh.
     """
     unknown = [m for m in plan.modes if m not in METHODS]
     if unknown:
@@ -239,13 +214,15 @@ def run_study(plan: Plan, log=print) -> dict:
             runs.append(done["run"])
             packed[Path(done["run"]["checkpoint"])] = done["packed"]
         # Every checkpoint of the tag (also from earlier runs of other modes), as deployment.csv is rewritten whole.
-        checkpoints = study_checkpoints(results_path, plan.tag)
+        latest = {(r.get("mode"), r.get("seed")): r["checkpoint"]
+                  for r in read_results(results_path)[1] if (r.get("tag") or "") == plan.tag}
+        checkpoints = [Path(p) for p in dict.fromkeys(latest.values()) if p and Path(p).exists()]
         command = "deployment_compression.py --verify --onnx " + " ".join(f"--checkpoint {p}" for p in checkpoints)
         show = (lambda s: log(f"packed {s['checkpoint']}: " + ", ".join(
             f"{key[11:]} {s[key]:,} B ({s[f'mismatches_{key[11:]}']} differing predictions)"
             for key in s if key.startswith("file_bytes_"))))
-        if not pack_and_verify(checkpoints, mnist=without_training(full), onnx=True, results_dir=plan.results_dir, command=command,
-                               show=show, map_fn=mapper, done=packed)["checkpoints"]:
+        if not pack_and_verify(checkpoints, mnist=without_training(full), onnx=True, results_dir=plan.results_dir,
+                               command=command, show=show, map_fn=mapper, done=packed)["checkpoints"]:
             log("no ternary checkpoint to pack; deployment.csv left as it is")
     seconds = time.perf_counter() - start
     atomic_write_json(plan.results_dir / "study.json", {
@@ -253,6 +230,7 @@ def run_study(plan: Plan, log=print) -> dict:
         "seconds_train_eval_pack": round(seconds, 1), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
         "workers": workers, "torch_threads": runs[0]["threads"] if runs else torch.get_num_threads(),
         "torch": str(torch.__version__), "python": platform.python_version(),
-        "device": str(plan.device), "n_seeds": len(plan.seeds), "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+        "device": str(plan.device), "n_seeds": len(plan.seeds),
+        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
         "runs": runs})
     return {"rows": rows, "seconds": seconds}
