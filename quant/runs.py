@@ -1,10 +1,6 @@
 """One run from a config, and one evaluation: train.py, eval.py, the tuner, the study and the benchmark share them.
-
-    build:               config -> seeded LeNet5 with the mode's method attached
-    train_run:           build -> engine.train -> export -> the deployed model's validation score, in memory
-    train_checkpoint:    train_run -> checkpoint (+ history CSV)
-    evaluate_checkpoint: checkpoint -> model rebuilt from its export -> test set -> one results.csv row
-"""
+`train_run` builds, trains and exports a config and scores the deployed model on validation, in memory;
+`train_checkpoint` saves it; `evaluate_checkpoint` scores a checkpoint's deployed model on the test set."""
 import json
 import math
 import time

@@ -1,19 +1,11 @@
 """The seed study behind report.md: every (mode, seed) trained, evaluated, packed, plotted and tabulated.
 
-    MNIST is decoded once per process; per seed the 5,000-image validation split is re-drawn (as load_mnist
-    would); the (mode, seed) runs go to `workers` processes side by side
-    for each seed, mode:   runs.train_checkpoint -> checkpoints/{mode}_seed{s}.pth
-                           runs.evaluate_checkpoint -> one results.csv row tagged "study"
-                           -> results/history/{mode}_seed{s}.csv   (per-epoch history, ADMM residual and rho)
-                           -> results/weights/{mode}_seed{s}.json  (latent-weight histograms, delta, code mix)
-                           -> results/predictions/{mode}_seed{s}.npy  (the 10,000 test predictions, uint8)
-                              and results/predictions/test_labels.npy, for the report's paired tests
-                           deployment.pack_checkpoint: every encoding and ONNX, verified on the test set
-    quant.deployment.pack_and_verify over the tag's checkpoints (packing those of earlier runs)
-                           -> results/deployment.csv / .json
-    quant.plotting.plot_all(results/) and quant.report.refresh(report.md, README.md)
-
-Everything plots and the report need lands in the results folder, so they never open a checkpoint.
+MNIST is decoded once per process and each seed's validation split re-drawn from it (data.resplit). `run_one`
+trains (or reuses) one (mode, seed) into checkpoints/{mode}_seed{s}.pth, appends its results.csv row and writes
+results/history/, weights/ (latent-weight histograms, delta, code mix) and predictions/ (the 10,000 test
+predictions, for the report's paired tests), then packs and verifies it (quant.deployment); `run_study` runs them
+on `workers` processes and rewrites results/deployment.csv/.json and study.json. Plots and the report
+(quant.plotting.plot_all, quant.report.refresh) read only the results folder, never a checkpoint.
 `Plan.quick()` (one seed, 5,000 training images, one epoch, tag "quick") writes to results/quick/ and
 checkpoints/quick_*.pth, so a pipeline check never mixes with the study's numbers.
 """
@@ -36,11 +28,10 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, write_history_csv
 from .cli import keep_freed_memory
-from .config import KEYS, default_config
+from .config import KEYS, MODES, checked_mode, default_config
 from .data import MNIST, load_mnist, resplit
 from .deployment import PackError, pack_and_verify, pack_checkpoint  # noqa: F401 (reproduce.py catches PackError)
 from .files import atomic_write_bytes, atomic_write_json
-from .methods import METHODS
 from .packing import code_mix
 from .results import append_result, read_results
 from .runs import evaluate_checkpoint, train_checkpoint
@@ -49,7 +40,7 @@ from .runs import evaluate_checkpoint, train_checkpoint
 @dataclass
 class Plan:
     """What one study run trains and where it writes (defaults: the full study of report.md)."""
-    modes: list = field(default_factory=lambda: list(METHODS))
+    modes: list = field(default_factory=lambda: list(MODES))
     seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     epochs: int = KEYS["epochs"].default
     train_subset: int | None = None
@@ -182,9 +173,8 @@ def run_study(plan: Plan, log=print) -> dict:
     run whose threads wait on each other at every operator. A run's numbers depend on its thread count (summation
     order), which study.json records. Rows reach results.csv in plan order. Plots and tables: plot_all, report.refresh.
     """
-    unknown = [m for m in plan.modes if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown mode(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    for mode in plan.modes:  # a ConfigError before MNIST is decoded
+        checked_mode(mode)
     start = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results_path = plan.results_dir / "results.csv"
