@@ -80,5 +80,4 @@ def environment() -> dict:
 
 
 def write_history_csv(path, history: list[dict]) -> None:
-    """Per-epoch history as CSV (columns: union of keys, first-seen order)."""
     atomic_write_csv(path, history, list(dict.fromkeys(k for row in history for k in row)))

@@ -50,12 +50,11 @@ def add_config_flags(parser, *names: str) -> None:
 
 
 def given(args) -> dict:
-    """{key: value} of the config flags that `args` holds a value for."""
     return {name: getattr(args, name) for name in config.KEYS if getattr(args, name, None) is not None}
 
 
-def add_mode_arg(parser, choices=config.MODES, required=True):
-    parser.add_argument("--mode", choices=choices, required=required, help="quantization method")
+def add_mode_arg(parser, choices=config.MODES):
+    parser.add_argument("--mode", choices=choices, required=True, help="quantization method")
 
 
 def add_data_args(parser):

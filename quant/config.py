@@ -158,7 +158,6 @@ def knobs(config: dict) -> dict:
 
 
 def hyperparams(mode: str) -> dict:
-    """{name: default} of the method hyperparameters of `mode`."""
     return {name: key.default_for(mode) for name, key in KEYS.items() if key.mode == checked_mode(mode)}
 
 
