@@ -1,7 +1,7 @@
 """The study's numbers, read from results/ only, and the markdown tables of report.md and README.md.
 
 A table lives in a document between `<!-- BEGIN:name -->` and `<!-- END:name -->`; `refresh` rewrites the body of
-every pair named in TABLES and nothing else, so prose is never touched and a second run changes nothing.
+every pair named by `tables` and nothing else, so prose is never touched and a second run changes nothing.
 Intervals are 95 % Student-t intervals of a mean over seeds; methods are compared paired on seeds (t-interval of the
 per-seed differences) and on test images (McNemar's exact test per seed), see quant.stats.
 """
@@ -67,8 +67,7 @@ def mean(values):
     return statistics.fmean(values) if values else math.nan
 
 
-def std(values):
-    """Sample standard deviation (n - 1); NaN for fewer than two values."""
+def std(values):  # sample standard deviation (n - 1)
     values = [v for v in values if not math.isnan(v)]
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
@@ -385,10 +384,6 @@ def speed_table(results_dir) -> str:
             f"{m['torch_threads']} threads, device {m['device']}, {bench['rounds']} rounds.*")
 
 
-TABLES = ("results_table", "seeds_table", "deployment_table", "layers_table", "config_table", "setup_table",
-          "comparison_table", "paired_table", "confirm_table", "precision_table", "speed_table")
-
-
 def tables(results_dir, tag: str = "study") -> dict:
     stats = summarize(results_dir, tag)
     return {"results_table": results_table(stats), "seeds_table": seeds_table(stats),
@@ -399,17 +394,14 @@ def tables(results_dir, tag: str = "study") -> dict:
             "speed_table": speed_table(results_dir)}
 
 
-def fill(text: str, generated: dict) -> str:
-    return MARKER.sub(lambda m: f"<!-- BEGIN:{m['name']} -->\n{generated[m['name']]}\n<!-- END:{m['name']} -->"
-                      if m["name"] in generated else m[0], text)
-
-
 def refresh(documents, results_dir="results", tag: str = "study") -> list[Path]:
     """Rewrite the tables in each existing document; returns those changed (NoResults, nothing touched: no rows)."""
     generated, changed = tables(results_dir, tag), []
     for doc in (Path(d) for d in documents if Path(d).exists()):
         text = doc.read_text(encoding="utf-8")
-        if (new := fill(text, generated)) != text:
+        new = MARKER.sub(lambda m: f"<!-- BEGIN:{m['name']} -->\n{generated[m['name']]}\n<!-- END:{m['name']} -->"
+                         if m["name"] in generated else m[0], text)
+        if new != text:
             atomic_write_text(doc, new)
             changed.append(doc)
     return changed
