@@ -114,7 +114,8 @@ def plot_training_curves(results_dir, tag="study") -> Figure:
         stars, unrecorded = [], False
         for _, seed, path, row in (r for r in runs if r[0] == mode):
             hist = read_results(path)[1]
-            epochs, ternary = [int(float(h["epoch"])) for h in hist], [{"1": True, "0": False}.get(h.get("val_ternary")) for h in hist]
+            epochs = [int(float(h["epoch"])) for h in hist]
+            ternary = [{"1": True, "0": False}.get(h.get("val_ternary")) for h in hist]  # None: not recorded
             all_epochs += epochs
             unrecorded |= None in ternary
             for ax, key in ((ax_acc, "val_acc"), (ax_loss, "val_loss")):
