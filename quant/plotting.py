@@ -33,20 +33,14 @@ def _epoch_axis(ax, epochs) -> None:
 
 
 def _runs(results_dir, tag, folder: str, suffix: str) -> list[tuple[str, str, Path, dict]]:
-    """(mode, seed, path, results.csv row) of folder/{mode}_seed{s}{suffix} for the latest tagged runs; if there
-    are none (or results.csv is unreadable), of every such file, with an empty row."""
+    """(mode, seed, path, results.csv row) of folder/{mode}_seed{s}{suffix} for the latest tagged runs, in mode and
+    seed order."""
     base = Path(results_dir) / folder
-    try:
-        rows = study_rows(results_dir, tag)
-    except NoResults:
-        rows = []
-    found = [(r["mode"], r.get("seed", ""), base / f"{r['mode']}_seed{r.get('seed', '')}{suffix}", r) for r in rows]
-    if not rows:  # e.g. a results.csv from before the tag column
-        found = [(m, s, p, {}) for p in base.glob(f"*_seed*{suffix}")
-                 for m, _, s in [p.name[:-len(suffix)].rpartition("_seed")]]
+    found = [(r["mode"], r.get("seed", ""), base / f"{r['mode']}_seed{r.get('seed', '')}{suffix}", r)
+             for r in study_rows(results_dir, tag)]
     if not (found := [f for f in found if f[2].exists()]):
         raise NoResults(f"no {folder}/*{suffix} files in {results_dir}")
-    return sorted(found, key=lambda f: (mode_key(f[0]), seed_key(f[1])))
+    return found
 
 
 def _spread_labels(ys: list[float], min_gap: float) -> list[float]:
@@ -107,12 +101,6 @@ def plot_comparison(results_dir, tag="study") -> Figure:
     return fig
 
 
-def val_ternary(row: dict):
-    """True / False: the epoch's validation point used ternary / full-precision weights; None if not recorded."""
-    value = str(row.get("val_ternary") or "").strip().lower()
-    return {"1": True, "1.0": True, "true": True, "0": False, "0.0": False, "false": False}.get(value)
-
-
 def plot_training_curves(results_dir, tag="study") -> Figure:
     """Figure 2: validation accuracy and loss per epoch, seeds overlaid; hollow markers were scored on
     full-precision, not ternary, weights; a star is the deployed model's validation accuracy."""
@@ -126,7 +114,8 @@ def plot_training_curves(results_dir, tag="study") -> Figure:
         stars, unrecorded = [], False
         for _, seed, path, row in (r for r in runs if r[0] == mode):
             hist = read_results(path)[1]
-            epochs, ternary = [int(float(h["epoch"])) for h in hist], [val_ternary(h) for h in hist]
+            epochs = [int(float(h["epoch"])) for h in hist]
+            ternary = [{"1": True, "0": False}.get(h.get("val_ternary")) for h in hist]  # None: not recorded
             all_epochs += epochs
             unrecorded |= None in ternary
             for ax, key in ((ax_acc, "val_acc"), (ax_loss, "val_loss")):
@@ -147,10 +136,9 @@ def plot_training_curves(results_dir, tag="study") -> Figure:
         ax_acc.set_title(label(mode) + ("\n(before the hard projection, epochs\nrun on latent, not ternary, weights)"
                                         if mode == "admm" and unrecorded else ""), fontsize=10)
         ax_loss.set_xlabel("epoch")
-        for ax in (ax_acc, ax_loss):
-            ax.grid(alpha=0.3)
         ax_acc.legend(fontsize=7, loc="lower right")
     for ax in axes.flat:
+        ax.grid(alpha=0.3)
         _epoch_axis(ax, all_epochs)
     axes[0, 0].set_ylabel("validation accuracy (%)")
     axes[1, 0].set_ylabel("validation loss (cross-entropy, nats)")

@@ -1,7 +1,7 @@
 """The study's numbers, read from results/ only, and the markdown tables of report.md and README.md.
 
 A table lives in a document between `<!-- BEGIN:name -->` and `<!-- END:name -->`; `refresh` rewrites the body of
-every pair named in TABLES and nothing else, so prose is never touched and a second run changes nothing.
+every pair named by `tables` and nothing else, so prose is never touched and a second run changes nothing.
 Intervals are 95 % Student-t intervals of a mean over seeds; methods are compared paired on seeds (t-interval of the
 per-seed differences) and on test images (McNemar's exact test per seed), see quant.stats.
 """
@@ -62,19 +62,12 @@ def number(value) -> float:
         return math.nan
 
 
-def seed_of(row: dict):
-    """The seed as an int where it is one (old tables may lack the column: "")."""
-    seed = number(row.get("seed"))
-    return row.get("seed") or "" if math.isnan(seed) else int(seed)
-
-
 def mean(values):
     values = [v for v in values if not math.isnan(v)]
     return statistics.fmean(values) if values else math.nan
 
 
-def std(values):
-    """Sample standard deviation (n - 1); NaN for fewer than two values."""
+def std(values):  # sample standard deviation (n - 1)
     values = [v for v in values if not math.isnan(v)]
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
@@ -91,17 +84,15 @@ def study_rows(results_dir, tag: str = "study", required: bool = False) -> list[
         rows = read_results(path)[1]
     except ResultsError as e:
         raise NoResults(str(e)) from None
-    latest = {(r["mode"], seed_of(r)): r for r in rows if (r.get("tag") or "") == tag and r.get("mode")}
+    latest = {(r["mode"], r.get("seed", "")): r for r in rows if (r.get("tag") or "") == tag and r.get("mode")}
     if required and not latest:
         raise NoResults(f"{path} has no rows tagged {tag!r}")
     return [latest[k] for k in sorted(latest, key=lambda k: (mode_key(k[0]), seed_key(k[1])))]
 
 
 def deployment_rows(results_dir, rows: list[dict]) -> list[dict]:
-    """deployment.csv rows of the checkpoints in `rows` (all rows if none of them match: a hand-made table)."""
-    table = read_results(Path(results_dir) / "deployment.csv")[1]
     wanted = {r.get("checkpoint") for r in rows}
-    return [d for d in table if d.get("checkpoint") in wanted] or table
+    return [d for d in read_results(Path(results_dir) / "deployment.csv")[1] if d.get("checkpoint") in wanted]
 
 
 def summarize(results_dir, tag: str = "study") -> dict:
@@ -112,16 +103,13 @@ def summarize(results_dir, tag: str = "study") -> dict:
     out = {}
     for row in rows:
         s = out.setdefault(row["mode"], defaultdict(list))
-        s["seeds"].append(seed_of(row))
+        s["seeds"].append(row.get("seed", ""))
         for key in ("test_acc", "val_acc", "train_seconds"):
             s[key].append(number(row.get(key)))
-        dep = [d for d in totals if d.get("checkpoint") == row.get("checkpoint")]
-        if not dep and row["mode"] != "fp":  # a hand-made deployment.csv: match by mode and seed order
-            dep = [d for d in totals if d.get("mode") == row["mode"]][len(s["seeds"]) - 1:len(s["seeds"])]
-        if dep:
+        if dep := next((d for d in totals if d.get("checkpoint") == row.get("checkpoint")), None):
             for col in TOTALS:
-                s[col].append(number(dep[0].get(col)))
-            s["mismatches"].append(sum(number(v or 0) for k, v in dep[0].items() if k.startswith("mismatches_")))
+                s[col].append(number(dep.get(col)))
+            s["mismatches"].append(sum(number(v or 0) for k, v in dep.items() if k.startswith("mismatches_")))
             s["size"].append(s["file_bytes_2bit"][-1])
             s["compression"].append(s["fp32_state_dict_bytes"][-1] / s["file_bytes_2bit"][-1])
         elif row["mode"] == "fp" and totals:
@@ -161,7 +149,7 @@ def predictions(results_dir, rows: list[dict]) -> tuple[dict, list[str]]:
         return {}, [why]
     correct, left_out = {}, []
     for row in rows:
-        mode, seed = row["mode"], seed_of(row)
+        mode, seed = row["mode"], row.get("seed", "")
         preds, why = read_classes(folder / f"{mode}_seed{seed}.npy")
         if preds is not None and len(preds) != len(labels):
             why = f"{len(preds):,} predictions for {len(labels):,} labels"
@@ -283,14 +271,12 @@ def paired_table(results_dir, tag: str = "study") -> str:
 
 
 def config_table(results_dir, tag: str = "study") -> str:
-    grouped = {}
-    for row in study_rows(results_dir, tag):
-        grouped.setdefault(row["mode"], []).append(row)
+    grouped = itertools.groupby(study_rows(results_dir, tag), key=lambda r: r["mode"])  # rows come in mode order
     join = lambda values: ", ".join(dict.fromkeys(values))  # noqa: E731  (distinct values in order)
     rows = [[label(mode), *(join(str(r.get(k) or "") for r in runs) or NA
                             for k in ("lr", "batch_size", "schedule", "shift", "epochs")),
              join(", ".join(f"{k}={v}" for k, v in json.loads(r.get("hyperparams") or "{}").items()) for r in runs)
-             or "—"] for mode, runs in grouped.items()]
+             or "—"] for mode, runs in ((m, list(g)) for m, g in grouped)]
     return markdown(["Method", "Peak lr", "Batch", "Schedule", "Shift (px)", "Epochs", "Method hyperparameters"],
                     rows, "lrrlrrl")
 
@@ -398,12 +384,7 @@ def speed_table(results_dir) -> str:
             f"{m['torch_threads']} threads, device {m['device']}, {bench['rounds']} rounds.*")
 
 
-TABLES = ("results_table", "seeds_table", "deployment_table", "layers_table", "config_table", "setup_table",
-          "comparison_table", "paired_table", "confirm_table", "precision_table", "speed_table")
-
-
 def tables(results_dir, tag: str = "study") -> dict:
-    """{marker name: markdown} for every generated table."""
     stats = summarize(results_dir, tag)
     return {"results_table": results_table(stats), "seeds_table": seeds_table(stats),
             "deployment_table": deployment_table(stats), "layers_table": layers_table(layer_stats(results_dir, tag)),
@@ -413,18 +394,14 @@ def tables(results_dir, tag: str = "study") -> dict:
             "speed_table": speed_table(results_dir)}
 
 
-def fill(text: str, generated: dict) -> str:
-    """`text` with the body of each marker pair named in `generated` replaced by its table."""
-    return MARKER.sub(lambda m: f"<!-- BEGIN:{m['name']} -->\n{generated[m['name']]}\n<!-- END:{m['name']} -->"
-                      if m["name"] in generated else m[0], text)
-
-
 def refresh(documents, results_dir="results", tag: str = "study") -> list[Path]:
     """Rewrite the tables in each existing document; returns those changed (NoResults, nothing touched: no rows)."""
     generated, changed = tables(results_dir, tag), []
     for doc in (Path(d) for d in documents if Path(d).exists()):
         text = doc.read_text(encoding="utf-8")
-        if (new := fill(text, generated)) != text:
+        new = MARKER.sub(lambda m: f"<!-- BEGIN:{m['name']} -->\n{generated[m['name']]}\n<!-- END:{m['name']} -->"
+                         if m["name"] in generated else m[0], text)
+        if new != text:
             atomic_write_text(doc, new)
             changed.append(doc)
     return changed

@@ -156,10 +156,3 @@ def test_training_curves_from_histories_without_val_ternary(tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["weights not recorded (history without val_ternary)"]
     assert not marked_epochs(fig.axes[0], hollow=True) and not marked_epochs(fig.axes[0], hollow=False)
     assert "not ternary" in fig.axes[3].get_title()
-
-
-@pytest.mark.parametrize("cell,expected", [("1", True), ("0", False), ("1.0", True), ("False", False), ("", None),
-                                           ("yes?", None)])
-def test_val_ternary_cells(cell, expected):
-    assert plotting.val_ternary({"val_ternary": cell}) is expected
-    assert plotting.val_ternary({}) is None
