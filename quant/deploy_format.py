@@ -145,10 +145,10 @@ def trace_shapes(network, input_shape, shape_of) -> list:
     return shapes
 
 
-def code_patches(network, input_shape, shape_of) -> dict:
+def code_patches(network, shape_of) -> dict:
     """{weight name: (H, W)}, the patch of the entropy code's contexts (docs section 4.2): a conv's kernel; for a
     linear layer right after a flatten of [C, H, W], (H, W); for any other linear layer (1, 1)."""
-    shapes, patches = trace_shapes(network, input_shape, shape_of), {}
+    shapes, patches = trace_shapes(network, INPUT_SHAPE, shape_of), {}
     for i, op in enumerate(network):
         if op["op"] == "conv2d":
             patches[op["weight"]] = tuple(shape_of(op["weight"])[2:])
@@ -187,9 +187,8 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
     _need(float_dtype in FLOAT_DTYPES, f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
     export, network = deployed_layers(export, fold_bn)
     ternary = {f"{layer}.weight": entry for layer, entry in export["ternary"].items()}
-    shapes = {**{name: list(t.shape) for name, t in export["float"].items()},
-              **{name: list(entry["codes"].shape) for name, entry in ternary.items()}}
-    patches = code_patches(network, INPUT_SHAPE, shapes.get)
+    stored = {**export["float"], **{name: entry["codes"] for name, entry in ternary.items()}}
+    patches = code_patches(network, lambda name: list(stored[name].shape))
     records, blocks = {"ternary": [], "float": []}, []
 
     def add(kind: str, record: dict, block: bytes):
