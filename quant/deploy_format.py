@@ -4,10 +4,9 @@ docs/deployment_format.md is the specification (layout section 1, manifest 2, co
 folding 5, reader limits 6); this module writes and reads it. A ternary weight is w_p [T = +1] - w_n [T = -1]
 (TTQ, arXiv 1612.01064, Eq. 6); where w_p = w_n (TWN, ADMM) both name one block.
 
-Reading trusts nothing: `unpack` checks the size, magic and SHA-256 before any other field, then the version,
-inflates a bounded manifest, rejects NaN and infinities, checks every key and type, bounds every dimension and
-product in Python integers before allocating, and follows the network's shapes down to [N, 10] logits. Any
-failure is a one-line DeployFormatError. The loader imports only this file, quant/packing.py, quant/errors.py,
+Reading trusts nothing (docs section 6): `unpack` checks the size, magic and SHA-256 before any other field,
+bounds every size in Python integers before allocating and follows the network's shapes down to [N, 10] logits;
+any failure is a one-line DeployFormatError. The loader imports only this file, quant/packing.py, quant/errors.py,
 torch and numpy: no model code.
 """
 import functools
@@ -39,11 +38,13 @@ MAX_MANIFEST_BYTES = 1 << 16  # inflated
 MAX_DIM = 1 << 16  # any one dimension
 MAX_ELEMENTS = 1 << 22  # one tensor, all stored tensors together, any activation
 MAX_OPS = 64
-# tensor fields and scalar parameters of each op (a null bias is allowed for conv2d / linear)
+# tensor fields of each op (a null bias is allowed for conv2d / linear)
 _OP_TENSORS = {"conv2d": ("weight", "bias"), "linear": ("weight", "bias"),
                "batch_norm": ("weight", "bias", "running_mean", "running_var"),
                "relu": (), "max_pool2d": (), "flatten": ()}
-_OP_SCALARS = {"batch_norm": ("eps",), "max_pool2d": ("kernel_size",)}
+# scalar parameters of each op, with the test a reader applies and what it asks for
+_OP_SCALARS = {"batch_norm": {"eps": (lambda v: _is_number(v, 0), "a number > 0")},
+               "max_pool2d": {"kernel_size": (lambda v: _is_int(v, 1, MAX_DIM), f"an integer in 1..{MAX_DIM}")}}
 
 
 def _op(kind: str, name: str = "") -> dict:
@@ -144,10 +145,10 @@ def trace_shapes(network, input_shape, shape_of) -> list:
     return shapes
 
 
-def code_patches(network, input_shape, shape_of) -> dict:
+def code_patches(network, shape_of) -> dict:
     """{weight name: (H, W)}, the patch of the entropy code's contexts (docs section 4.2): a conv's kernel; for a
     linear layer right after a flatten of [C, H, W], (H, W); for any other linear layer (1, 1)."""
-    shapes, patches = trace_shapes(network, input_shape, shape_of), {}
+    shapes, patches = trace_shapes(network, INPUT_SHAPE, shape_of), {}
     for i, op in enumerate(network):
         if op["op"] == "conv2d":
             patches[op["weight"]] = tuple(shape_of(op["weight"])[2:])
@@ -186,9 +187,8 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
     _need(float_dtype in FLOAT_DTYPES, f"unknown float dtype {float_dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
     export, network = deployed_layers(export, fold_bn)
     ternary = {f"{layer}.weight": entry for layer, entry in export["ternary"].items()}
-    shapes = {**{name: list(t.shape) for name, t in export["float"].items()},
-              **{name: list(entry["codes"].shape) for name, entry in ternary.items()}}
-    patches = code_patches(network, INPUT_SHAPE, shapes.get)
+    stored = {**export["float"], **{name: entry["codes"] for name, entry in ternary.items()}}
+    patches = code_patches(network, lambda name: list(stored[name].shape))
     records, blocks = {"ternary": [], "float": []}, []
 
     def add(kind: str, record: dict, block: bytes):
@@ -228,8 +228,7 @@ def pack(export: dict, encoding: str = "2bit", fold_bn: bool = True, float_dtype
 # ---------------------------------------------------------------- reading
 
 def unpack(data: bytes) -> tuple[dict, dict]:
-    """Verify and decode a deployment file: (manifest, {name: tensor}); codes as int8 tensors of their layer's
-    shape, floats in their stored dtype."""
+    """Verify and decode a deployment file: (manifest, {name: tensor}), codes int8, floats in their stored dtype."""
     data = bytes(data)
     _need(_HEADER.size + _DIGEST_BYTES <= len(data) <= MAX_FILE_BYTES, f"{len(data)} bytes is not the size of a "
           f"ternary deployment file ({_HEADER.size + _DIGEST_BYTES} to {MAX_FILE_BYTES})")
@@ -368,7 +367,7 @@ def _check_manifest(manifest, payload_len: int) -> None:
         kind = op.get("op") if isinstance(op, dict) else None
         need(isinstance(kind, str) and kind in _OP_TENSORS, f"op {i}: unknown op {op!r:.100}; valid: "
                                                             f"{', '.join(_OP_TENSORS)}")
-        need_keys(op, ("op", *_OP_TENSORS[kind], *_OP_SCALARS.get(kind, ())), f"op {i} ({kind})")
+        need_keys(op, ("op", *_OP_TENSORS[kind], *_OP_SCALARS.get(kind, {})), f"op {i} ({kind})")
         for key in _OP_TENSORS[kind]:
             name = op[key]
             if key == "bias" and name is None:
@@ -377,11 +376,8 @@ def _check_manifest(manifest, payload_len: int) -> None:
             need("dtype" in records[name] or (key == "weight" and kind in ("conv2d", "linear")),
                  f"op {i} ({kind}): {key} {name!r} is a ternary block; only conv2d / linear weights may be")
             used.add(name)
-        if kind == "batch_norm":
-            need(_is_number(op["eps"], 0), f"op {i}: batch_norm eps {op['eps']!r:.40} is not a number > 0")
-        if kind == "max_pool2d":
-            need(_is_int(op["kernel_size"], 1, MAX_DIM),
-                 f"op {i}: max_pool2d kernel_size {op['kernel_size']!r:.40} is not an integer in 1..{MAX_DIM}")
+        for key, (ok, what) in _OP_SCALARS.get(kind, {}).items():
+            need(ok(op[key]), f"op {i}: {kind} {key} {op[key]!r:.40} is not {what}")
     need(not (manifest["bn_folded"] and any(op["op"] == "batch_norm" for op in network)),
          "bn_folded is true but the network has batch_norm ops")
     need(used >= set(records), f"blocks {sorted(set(records) - used)} are read by nothing")
@@ -408,7 +404,6 @@ OPS = {"conv2d": lambda x, op, w: F.conv2d(x, w[op["weight"]], w.get(op.get("bia
 
 
 def forward(network: list, weights: dict, input_shape: tuple, x: torch.Tensor) -> torch.Tensor:
-    """Run the manifest's ops in order on x [N, *input_shape] (normalised) and return the logits."""
     if tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(f"input of shape {list(x.shape)}, expected [N, {', '.join(map(str, input_shape))}]")
     with torch.inference_mode():

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import MEAN, STD
-from .deploy_format import INPUT_SHAPE, code_patches, deployed_layers, forward, load_inference, pack, unpack
+from .deploy_format import code_patches, deployed_layers, forward, load_inference, pack, unpack
 from .errors import QuantError
 from .export import rebuild_model
 from .files import atomic_write_bytes, atomic_write_csv, atomic_write_json
@@ -21,9 +21,9 @@ class PackError(QuantError, RuntimeError):
     exit_code = 1
 
 
-def predict(net, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def predict(net, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        return torch.cat([net(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
 
 
 def pixels_of(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def size_report(export: dict, fold_bn: bool = True) -> list[dict]:
     stored, network = deployed_layers(export, fold_bn)
     weights = {**stored["float"], **{f"{layer}.weight": e["codes"] for layer, e in stored["ternary"].items()}}
     rows = []
-    for name, patch in code_patches(network, INPUT_SHAPE, lambda name: list(weights[name].shape)).items():
+    for name, patch in code_patches(network, lambda name: list(weights[name].shape)).items():
         w, ternary = weights[name], name not in stored["float"]
         n, h = w.numel(), entropy_bits(w) if ternary else None
         rows.append({"layer": name.removesuffix(".weight"), "ternary": ternary, "weights": n, "fp32_bytes": 4 * n,

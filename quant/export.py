@@ -86,11 +86,8 @@ def layer_table(export: dict) -> list[dict]:
 
 
 def size_summary(export: dict) -> dict:
-    """Counts and theoretical storage of the four weight layers: ternary at 2 bits, FP-kept at 32.
-
-    compression = 32 * weights / stored bits (weights only; biases/BN are counted in deployment.csv).
-    zero_frac is measured on the deployed ternary codes, never on latent weights.
-    """
+    """Counts and theoretical storage of the four weight layers, ternary at 2 bits and FP-kept at 32 (biases/BN are
+    counted in deployment.csv); zero_frac is measured on the deployed codes, never on latent weights."""
     model_params = sum(t.numel() for k, t in export["float"].items()
                        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     ternary = sum(layer["codes"].numel() for layer in export["ternary"].values())

@@ -28,8 +28,7 @@ def _need(ok, message: str):
 def as_codes(codes) -> np.ndarray:
     """An int tensor/ndarray as a numpy int8 array of the same shape, checking every value is -1, 0 or +1."""
     a = np.asarray(codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else codes)
-    if a.dtype.kind not in "iu":
-        raise PackingError(f"ternary codes must be integers, got dtype {a.dtype}")
+    _need(a.dtype.kind in "iu", f"ternary codes must be integers, got dtype {a.dtype}")
     if a.size and (a.min() < -1 or a.max() > 1):
         raise PackingError(f"ternary codes must be in {{-1, 0, +1}}, found values in [{a.min()}, {a.max()}]")
     return a.astype(np.int8)
@@ -123,12 +122,12 @@ def _table(counts: np.ndarray) -> np.ndarray:
     return table
 
 
-def _row_classes(row_counts: np.ndarray, k: int, rounds: int = 8) -> np.ndarray:
+def _row_classes(row_counts: np.ndarray, k: int) -> np.ndarray:
     """Rows (symbol counts per context, [O, 16, 3]) into k classes, k-means style: k equal groups by zero
     fraction, then alternately a table per class and each row to the class coding it in the fewest bits."""
     zeros = row_counts[:, :, 1].sum(1) / np.maximum(row_counts.sum((1, 2)), 1)
     classes = np.argsort(np.argsort(zeros, kind="stable"), kind="stable") * k // len(row_counts)
-    for _ in range(rounds):
+    for _ in range(8):
         logs = np.log2(np.stack([_table(row_counts[classes == j].sum(0)) for j in range(k)]) / 256)
         classes = (-(row_counts[:, None] * logs[None]).sum((2, 3))).argmin(1)
     return classes
@@ -230,7 +229,5 @@ ENCODINGS = {"2bit": FixedRate("2bit", 4, 4, (0b10, 0b00, 0b01)), "base3": Fixed
 
 
 def get_codec(name: str):
-    """Look up an encoding by name (2bit, base3 or entropy)."""
-    if name not in ENCODINGS:
-        raise PackingError(f"unknown encoding {name!r}; valid: {', '.join(ENCODINGS)}")
+    _need(name in ENCODINGS, f"unknown encoding {name!r}; valid: {', '.join(ENCODINGS)}")
     return ENCODINGS[name]

@@ -187,7 +187,7 @@ def test_code_patches_follow_the_network():
     shapes = {"conv1.weight": [32, 1, 5, 5], "conv2.weight": [64, 32, 5, 5], "fc1.weight": [512, 1024],
               "fc2.weight": [10, 512], "conv1.bias": [32], "conv2.bias": [64], "fc1.bias": [512], "fc2.bias": [10]}
     network = [op for op in df.LENET5_NETWORK if op["op"] != "batch_norm"]
-    patches = df.code_patches(network, df.INPUT_SHAPE, lambda name: shapes[name])
+    patches = df.code_patches(network, lambda name: shapes[name])
     # fc1 reads the flattened 64 x 4 x 4 map: 28 -5+1 = 24, /2 = 12, -5+1 = 8, /2 = 4
     assert patches == {"conv1.weight": (5, 5), "conv2.weight": (5, 5), "fc1.weight": (4, 4), "fc2.weight": (1, 1)}
     assert df.trace_shapes(network, df.INPUT_SHAPE, lambda name: shapes[name])[-1] == [10]
