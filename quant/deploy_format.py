@@ -404,6 +404,7 @@ OPS = {"conv2d": lambda x, op, w: F.conv2d(x, w[op["weight"]], w.get(op.get("bia
 
 
 def forward(network: list, weights: dict, input_shape: tuple, x: torch.Tensor) -> torch.Tensor:
+    """Run the manifest's ops in order on x [N, *input_shape] (normalised) and return the logits."""
     if tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(f"input of shape {list(x.shape)}, expected [N, {', '.join(map(str, input_shape))}]")
     with torch.inference_mode():

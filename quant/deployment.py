@@ -21,9 +21,9 @@ class PackError(QuantError, RuntimeError):
     exit_code = 1
 
 
-def predict(net, x: torch.Tensor) -> torch.Tensor:
+def predict(net, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([net(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+        return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
 def pixels_of(x: torch.Tensor) -> torch.Tensor:
