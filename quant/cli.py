@@ -105,7 +105,8 @@ def keep_freed_memory() -> None:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, TypeError, AttributeError):
         return
-    for param, value in ((-3, 1 << 30), (-1, 1 << 30), (-2, 64 << 20)):
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h> parameter numbers
+    for param, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)):
         mallopt(param, value)
 
 

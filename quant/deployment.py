@@ -62,12 +62,14 @@ def size_report(export: dict, fold_bn: bool = True) -> list[dict]:
 
 
 def pack_checkpoint(path: Path, encodings=tuple(ENCODINGS), mnist=None, fold_bn: bool = True,
-                    float_dtype: str = "fp32", onnx: bool = False, reference: torch.Tensor | None = None) -> dict:
+                    float_dtype: str = "fp32", onnx: bool = False, reference: torch.Tensor | None = None,
+                    ckpt: dict | None = None) -> dict:
     """Write the deployment files (and, with onnx, <stem>.onnx) of one checkpoint and return its summary. With
     `mnist`, every file is loaded back alone and its test predictions compared with the checkpoint's ternary
     model (mismatches_<format>): `reference`, where the caller has those predictions already (on the CPU, as
-    `predict` makes them), else computed here. "layers" is present only if it was packed."""
-    ckpt = load_checkpoint(path)
+    `predict` makes them), else computed here. `ckpt` is the checkpoint at `path` where the caller has loaded it
+    already. "layers" is present only if it was packed."""
+    ckpt = ckpt or load_checkpoint(path)
     export, model, buffer = ckpt["export"], rebuild_model(ckpt["export"]), io.BytesIO()
     torch.save(model.state_dict(), buffer)  # what shipping the model unpacked would cost
     summary = {"checkpoint": str(path), "mode": ckpt["mode"], "checkpoint_bytes": path.stat().st_size,

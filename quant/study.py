@@ -145,7 +145,7 @@ def run_one(plan: Plan, full: MNIST, mode: str, seed: int, log=print) -> dict:
     log(f"{mode} seed {seed}: test accuracy {result['row']['test_acc']:.2f}% "
         f"(validation {result['row']['val_acc']:.2f}%)")
     # Packed here, while other workers still train; the CPU predictions just made are the files' reference.
-    packed = pack_checkpoint(path, mnist=without_training(full), onnx=True,
+    packed = pack_checkpoint(path, mnist=without_training(full), onnx=True, ckpt=ckpt,
                              reference=result["preds"] if torch.device(plan.device).type == "cpu" else None)
     return {"row": result["row"], "packed": packed,
             "run": {"mode": mode, "seed": seed, "checkpoint": str(path),
