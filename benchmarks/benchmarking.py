@@ -161,13 +161,16 @@ def profile_floor(x: torch.Tensor, y: torch.Tensor, steps: int, top: int = 15) -
 
 # ---------------------------------------------------------------- 2. the real training epoch
 
-def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int, device, precision: str) -> tuple[dict, dict]:
-    """One full epoch of quant.engine.train in `mode` with its default config; returns (timings, export)."""
+def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int, device, precision: str,
+               warmup_batches: int = 4) -> tuple[dict, dict]:
+    """One full epoch of quant.engine.train in `mode` with its default config, after `warmup_batches` untimed
+    steps; returns (timings, export)."""
     # TTQ without its FP warm-up, so that every timed step is a ternary step
     config = default_config(mode, epochs=1, batch_size=batch_size, seed=seed,
                             hyperparams={"warmup_frac": 0.0} if mode == "ttq" else {})
 
-    warm_data = MNIST(data.train_x[:4 * batch_size], data.train_y[:4 * batch_size], data.val_x[:batch_size],
+    warm = warmup_batches * batch_size
+    warm_data = MNIST(data.train_x[:warm], data.train_y[:warm], data.val_x[:batch_size],
                       data.val_y[:batch_size], data.test_x[:0], data.test_y[:0], data.checksum)
     kwargs = dict(**{k: config[k] for k in TRAIN_ARGS}, precision=precision, device=device, log=lambda line: None)
     train(*build(config, device), warm_data, progress=False, **kwargs)  # warm-up: allocator, kernels, oneDNN primitives
@@ -411,7 +414,7 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
         raise ValueError("the benchmark needs mode fp and at least one ternary mode")
     batch_sizes = sorted({*batch_sizes, train_batch_size})
     device = torch.device(device)
-    repeats = 2 if quick else 5
+    repeats, warmup_batches = (2, 1) if quick else (5, 4)  # --quick: a smoke run, its timings not meaningful
     rounds = rounds or (1 if quick else 5)
     results = {"quick": quick, "machine": machine_info(device), "rounds": rounds, "floor": {}, "real_epoch": {},
                "per_round_ms_per_step": []}
@@ -434,7 +437,8 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
             keep_fastest(results["floor"], str(bs), this["floor"][str(bs)])
         for mode in ["fp", *(m for m in modes if m != "fp")]:
             log(f"[round {round_}/{rounds}] real epoch, {mode} ({len(data.train_y)} images)")
-            this["real_epoch"][mode], exports[mode] = real_epoch(mode, data, train_batch_size, seed, device, "fp32")
+            this["real_epoch"][mode], exports[mode] = real_epoch(mode, data, train_batch_size, seed, device, "fp32",
+                                                                 warmup_batches)
             keep_fastest(results["real_epoch"], mode, this["real_epoch"][mode])
             if mode == "fp":
                 log(f"[round {round_}/{rounds}] naive torchvision epoch")
@@ -449,7 +453,8 @@ def run(data: MNIST, data_dir, *, val_size: int, train_subset=None, quick: bool 
             this["real_epoch_bf16"] = {}
             for mode in ["fp", *(m for m in modes if m != "fp")]:
                 log(f"[round {round_}/{rounds}] bf16 real epoch, {mode}")
-                this["real_epoch_bf16"][mode], _ = real_epoch(mode, data, train_batch_size, seed, device, "bf16")
+                this["real_epoch_bf16"][mode], _ = real_epoch(mode, data, train_batch_size, seed, device, "bf16",
+                                                              warmup_batches)
                 keep_fastest(results["real_epoch_bf16"], mode, this["real_epoch_bf16"][mode])
         per_round.append(training_ratios(this["floor"], this["real_epoch"], this["naive"], train_batch_size,
                                          this.get("floor_bf16"), this.get("real_epoch_bf16")))
