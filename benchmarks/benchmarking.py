@@ -162,7 +162,7 @@ def profile_floor(x: torch.Tensor, y: torch.Tensor, steps: int, top: int = 15) -
 # ---------------------------------------------------------------- 2. the real training epoch
 
 def real_epoch(mode: str, data: MNIST, batch_size: int, seed: int, device, precision: str,
-               warmup_batches: int = 4) -> tuple[dict, dict]:
+               warmup_batches: int) -> tuple[dict, dict]:
     """One full epoch of quant.engine.train in `mode` with its default config, after `warmup_batches` untimed
     steps; returns (timings, export)."""
     # TTQ without its FP warm-up, so that every timed step is a ternary step
